@@ -1,0 +1,40 @@
+# One command per job.  `make demo` and `make test` set up .venv from nothing first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+
+.PHONY: demo test test-fast test-triton build bench bench-quick gpu-check clean
+
+# The virtual environment: reuses an importable torch, else installs the CPU build of
+# $(TORCH) (an unpinned torch would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml setup.py
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "reusing the importable torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
+	$(PIP) install "setuptools>=70" "pybind11>=2.12" "cmake>=3.26" ninja
+	$(PIP) install -e ".[dev]" --no-build-isolation
+	@touch $(STAMP)
+
+# (Re)builds lift_kernels._C in place, incrementally (CMake cache under build/).
+build: $(STAMP)
+	$(PIP) install -e . --no-build-isolation --no-deps
+
+demo: build
+	$(PY) -m lift_kernels demo
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench-quick: build
+	$(PY) bench/kernels.py --quick
+
+bench: build
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf build $(VENV) lift_kernels/_C*.so *.egg-info

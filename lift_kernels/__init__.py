@@ -1,0 +1,30 @@
+"""lift-kernels: fused gated-memory attention (the adapter of LIFT) and the LIFT pipeline."""
+
+__version__ = "0.1.0"
+
+from .function import gated_memory_attention
+from .memory import GatedMemory, GatedMemoryConfig
+from .dispatch import BACKENDS
+
+
+def build_info() -> dict:
+    """What the compiled extension lift_kernels._C contains (version, compiler, OpenMP,
+    CUDA and its architectures).  Raises ImportError when the extension is not built."""
+    from . import _C
+
+    return _C.build_info()
+
+
+def available_backends(device="cpu") -> list:
+    """Backends importable for tensors on `device` (a backend may still decline a case)."""
+    import torch
+
+    from . import dispatch
+
+    problem = dispatch.Problem(1, 1, 1, 1, 1, 64, 128, 8, torch.float32, torch.float32,
+                               torch.device(device), False, False, False, False, True)
+    return [b for b in BACKENDS[1:] if dispatch.unsupported_reason(b, problem) is None]
+
+
+__all__ = ["gated_memory_attention", "GatedMemory", "GatedMemoryConfig", "BACKENDS",
+           "build_info", "available_backends", "__version__"]

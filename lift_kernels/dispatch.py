@@ -1,0 +1,221 @@
+"""Input validation and backend choice: the one place that decides whether a call is
+well-formed and which backend serves it.  Nothing here computes."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
+# Backends that are plain autograd graphs of PyTorch ops, called directly.
+AUTOGRAD_BACKENDS = ("reference", "torch")
+# Fused backends: a module with unsupported_reason(problem), forward(...) and backward(...),
+# reached through the custom op in function.py.
+FUSED_MODULES = {
+    "triton": "lift_kernels.ops.triton_attention",
+    "cuda": "lift_kernels.ops.cext",
+    "cpu": "lift_kernels.ops.cext",
+}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ORACLE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated call, as the backends see it."""
+
+    batch: int
+    nq: int
+    nk: int
+    hq: int
+    hkv: int
+    head_dim: int
+    mem_hidden: int
+    gate_hidden: int
+    dtype: torch.dtype
+    weight_dtype: torch.dtype
+    device: torch.device
+    has_mem_bias: bool  # b1
+    has_out_bias: bool  # b2
+    has_gate_bias: bool  # c1
+    has_rope: bool
+    causal: bool
+
+    @property
+    def empty(self) -> bool:
+        return 0 in (self.batch, self.nq, self.nk, self.hq)
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+
+
+def _need_tensor(name, t, rank):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got {_describe(t)}")
+
+
+def _need_shape(name, t, expected):
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {_describe(t)}")
+
+
+def _need_number(name, x, positive=False):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise TypeError(f"{name} must be a finite float, got {x!r}")
+    if positive and x <= 0:
+        raise ValueError(f"{name} must be positive, got {x!r}")
+
+
+def _need_bool(name, x):
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {x!r}")
+
+
+def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_scale,
+             gate_scale, gate_shift, return_gate, backend, deterministic) -> Problem:
+    """Checks every argument of gated_memory_attention; raises TypeError/ValueError naming
+    the argument with the expected and the actual value.  Returns the Problem."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _need_tensor(name, t, 4)
+    if q.dtype not in ORACLE_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32 (float64 for the reference and "
+                        f"torch backends), got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    batch, nq, hq, d = q.shape
+    if k.shape[0] != batch or k.shape[3] != d:
+        raise ValueError(f"k must have shape (B={batch}, Nk, Hkv, D={d}), got {_describe(k)}")
+    _need_shape("v", v, k.shape)
+    nk, hkv = k.shape[1], k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q's head count Hq={hq} must be a multiple of k's head count Hkv={hkv}")
+
+    for name, t, rank in (("w1", w1, 3), ("w2", w2, 3), ("g1", g1, 3), ("g2", g2, 2)):
+        _need_tensor(name, t, rank)
+    mem_hidden, gate_hidden = w1.shape[2], g1.shape[2]
+    _need_shape("w1", w1, (hq, d, mem_hidden))
+    _need_shape("w2", w2, (hq, mem_hidden, d))
+    _need_shape("g1", g1, (hq, d, gate_hidden))
+    _need_shape("g2", g2, (hq, gate_hidden))
+    optional = {"b1": (b1, (hq, mem_hidden)), "b2": (b2, (hq, d)), "c1": (c1, (hq, gate_hidden))}
+    for name, (t, shape) in optional.items():
+        if t is not None:
+            _need_tensor(name, t, 2)
+            _need_shape(name, t, shape)
+    weights = {"w1": w1, "w2": w2, "g1": g1, "g2": g2}
+    weights.update({n: t for n, (t, _) in optional.items() if t is not None})
+    allowed = {q.dtype, torch.float32}
+    weight_dtypes = set()
+    for name, t in weights.items():
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} must be {q.dtype} (q's dtype) or float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        weight_dtypes.add(t.dtype)
+    if len(weight_dtypes) > 1:
+        raise TypeError(f"the seven weights must share one dtype, got "
+                        f"{ {n: str(t.dtype) for n, t in weights.items()} }")
+
+    if (cos is None) != (sin is None):
+        raise ValueError(f"cos and sin must be given together, got cos={_describe(cos)} "
+                         f"and sin={_describe(sin)}")
+    if cos is not None:
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+            ok = (t.dim() == 2 and tuple(t.shape) == (nq, d)) or (
+                t.dim() == 3 and t.shape[0] in (1, batch) and tuple(t.shape[1:]) == (nq, d))
+            if not ok:
+                raise ValueError(f"{name} must have shape (Nq={nq}, D={d}) or (B={batch}, Nq={nq}, "
+                                 f"D={d}), got {_describe(t)}")
+        if d % 2:
+            raise ValueError(f"RoPE needs an even head dim, got D={d}")
+
+    _need_bool("causal", causal)
+    _need_bool("return_gate", return_gate)
+    _need_bool("deterministic", deterministic)
+    if softmax_scale is not None:
+        _need_number("softmax_scale", softmax_scale, positive=True)
+    _need_number("gate_scale", gate_scale)
+    _need_number("gate_shift", gate_shift)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    return Problem(batch, nq, nk, hq, hkv, d, mem_hidden, gate_hidden, q.dtype,
+                   weight_dtypes.pop(), q.device, b1 is not None, b2 is not None,
+                   c1 is not None, cos is not None, causal)
+
+
+def normalize_rope(cos, sin, batch):
+    """cos/sin as [B, Nq, D] float32 views (a broadcast batch has stride 0), or None."""
+    if cos is None:
+        return None, None
+
+    def norm(t):
+        t = t.float()
+        if t.dim() == 2:
+            t = t.unsqueeze(0)
+        return t.expand(batch, *t.shape[1:])
+
+    return norm(cos), norm(sin)
+
+
+def _fused_module(name):
+    return importlib.import_module(FUSED_MODULES[name])
+
+
+def unsupported_reason(name: str, problem: Problem) -> str | None:
+    """Why backend `name` cannot serve `problem`, or None if it can."""
+    if name in AUTOGRAD_BACKENDS:
+        return None
+    if problem.dtype == torch.float64:
+        return f"the {name} backend computes in float32 at most; float64 is for reference/torch"
+    try:
+        module = _fused_module(name)
+    except ImportError as err:
+        return f"the {name} backend is not available in this build ({err})"
+    return module.unsupported_reason(name, problem)
+
+
+def auto_order(problem: Problem) -> tuple[str, ...]:
+    """The rule behind backend="auto" (the README states it and bench/ justifies it)."""
+    if problem.device.type == "cuda":
+        return ("cuda", "triton", "torch")
+    if problem.device.type == "cpu":
+        return ("cpu", "torch")
+    return ("torch",)
+
+
+def choose_backend(backend: str, problem: Problem) -> str:
+    """The backend that serves `problem`.  Empty problems run the reference (there is no
+    work to fuse).  Raises NotImplementedError for an explicit backend that cannot serve."""
+    if problem.empty:
+        return "reference"
+    if backend != "auto":
+        reason = unsupported_reason(backend, problem)
+        if reason is not None:
+            raise NotImplementedError(f"backend={backend!r} cannot serve this call: {reason}")
+        return backend
+    for name in auto_order(problem):
+        if unsupported_reason(name, problem) is None:
+            return name
+    return "reference"
+
+
+def fused_backend(name: str):
+    return _fused_module(name)

@@ -1,0 +1,145 @@
+"""The public op: validation and dispatch, then either an autograd-native backend or the
+fused backends behind one torch.library custom op with a registered backward.
+
+The custom op makes the fused kernels opaque to torch.compile (no graph break, a fake
+implementation gives shapes) and to activation checkpointing (it recomputes the op).
+
+Fused backend contract (modules named in dispatch.FUSED_MODULES):
+    forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
+            gate_scale, gate_shift) -> (out, gate, lse, attn)
+        out  [B, Nq, Hq, D] q's dtype    gate [B, Nq, Hq] float32
+        lse  [B, Hq, Nq] float32 (log-sum-exp of the scaled scores; -inf for a row that
+             sees no key)            attn [B, Nq, Hq, D] q's dtype (attention-only output)
+    backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse,
+             attn, causal, scale, gate_scale, gate_shift, deterministic)
+        -> (dq, dk, dv, dw1, db1, dw2, db2, dg1, dc1, dg2), each in its input's dtype,
+           None for an absent bias; dgate may be None.
+    cos/sin arrive as [B, Nq, D] float32 (maybe batch-stride 0) or None.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .ops.reference import gated_memory_attention_reference
+from .ops.torch_composite import gated_memory_attention_torch
+
+_AUTOGRAD_IMPLS = {
+    "reference": gated_memory_attention_reference,
+    "torch": gated_memory_attention_torch,
+}
+
+
+@torch.library.custom_op("lift_kernels::fused_forward", mutates_args=())
+def _fused_forward(
+    q: Tensor, k: Tensor, v: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+    b2: Optional[Tensor], g1: Tensor, c1: Optional[Tensor], g2: Tensor,
+    cos: Optional[Tensor], sin: Optional[Tensor], causal: bool, scale: float,
+    gate_scale: float, gate_shift: float, backend: str, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(dispatch.fused_backend(backend).forward(
+        backend, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
+        gate_scale, gate_shift))
+
+
+@_fused_forward.register_fake
+def _(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale, gate_shift,
+      backend, deterministic):
+    b, nq, hq, _ = q.shape
+    return (torch.empty_like(q), q.new_empty((b, nq, hq), dtype=torch.float32),
+            q.new_empty((b, hq, nq), dtype=torch.float32), torch.empty_like(q))
+
+
+@torch.library.custom_op("lift_kernels::fused_backward", mutates_args=())
+def _fused_backward(
+    dout: Tensor, dgate: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, w1: Tensor,
+    b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], g1: Tensor, c1: Optional[Tensor],
+    g2: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], gate: Tensor, lse: Tensor,
+    attn: Tensor, causal: bool, scale: float, gate_scale: float, gate_shift: float,
+    backend: str, deterministic: bool,
+) -> list[Tensor]:
+    grads = dispatch.fused_backend(backend).backward(
+        backend, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn,
+        causal, scale, gate_scale, gate_shift, deterministic)
+    # A custom op returns tensors only: an absent bias gets an empty placeholder.
+    return [g if g is not None else q.new_empty(0) for g in grads]
+
+
+@_fused_backward.register_fake
+def _(dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn, causal,
+      scale, gate_scale, gate_shift, backend, deterministic):
+    inputs = (q, k, v, w1, b1, w2, b2, g1, c1, g2)
+    return [torch.empty_like(t) if t is not None else q.new_empty(0) for t in inputs]
+
+
+_DIFFERENTIABLE = ("q", "k", "v", "w1", "b1", "w2", "b2", "g1", "c1", "g2")
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale, gate_shift,
+     backend, deterministic) = inputs
+    _, gate, lse, attn = output
+    ctx.save_for_backward(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn)
+    ctx.config = (causal, scale, gate_scale, gate_shift, backend, deterministic)
+    ctx.mark_non_differentiable(lse, attn)
+
+
+def _backward(ctx, dout, dgate, _dlse, _dattn):
+    q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(q)
+    grads = _fused_backward(dout.contiguous(), dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2,
+                            cos, sin, gate, lse, attn, *ctx.config)
+    present = (q, k, v, w1, b1, w2, b2, g1, c1, g2)
+    grads = [g if t is not None else None for g, t in zip(grads, present)]
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_memory_attention(
+    q, k, v, w1, b1, w2, b2, g1, c1, g2, *, cos=None, sin=None, causal=True,
+    softmax_scale=None, gate_scale=3.0, gate_shift=1.0, return_gate=False, backend="auto",
+    deterministic=False,
+):
+    """Gated-memory attention (SPEC section 1): ``(1 - g) * attn + g * mem`` per head.
+
+    Args:
+        q: [B, Nq, Hq, D] pre-RoPE queries.  k, v: [B, Nk, Hkv, D] (k already rotated);
+            Hq a multiple of Hkv (GQA: head h reads kv head h // (Hq / Hkv)).
+        w1: [Hq, D, M], b1: [Hq, M] or None, w2: [Hq, M, D], b2: [Hq, D] or None:
+            the memory MLP ``silu(q @ w1 + b1) @ w2 + b2``.
+        g1: [Hq, D, R], c1: [Hq, R] or None, g2: [Hq, R]: the gate
+            ``sigmoid(gate_scale * (silu(q @ g1 + c1) @ g2 - gate_shift))``.
+        cos, sin: [Nq, D] or [B, Nq, D] RoPE tables for q's positions, or None.
+        causal: bottom-right aligned causal mask when Nq != Nk.
+        softmax_scale: defaults to 1 / sqrt(D).
+        return_gate: also return the gate [B, Nq, Hq] (float32).
+        backend: "auto", "reference", "torch", "triton", "cuda" or "cpu".
+        deterministic: bit-reproducible backward (fused backends).
+
+    Returns:
+        out [B, Nq, Hq, D] in q's dtype, or (out, gate) with return_gate=True (the gate is
+        float32; float64 for float64 inputs, the test oracle).
+    """
+    problem = dispatch.validate(
+        q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal=causal,
+        softmax_scale=softmax_scale, gate_scale=gate_scale, gate_shift=gate_shift,
+        return_gate=return_gate, backend=backend, deterministic=deterministic)
+    name = dispatch.choose_backend(backend, problem)
+    cos, sin = dispatch.normalize_rope(cos, sin, problem.batch)
+    scale = float(softmax_scale) if softmax_scale is not None else problem.head_dim ** -0.5
+    if name in _AUTOGRAD_IMPLS:
+        out, gate = _AUTOGRAD_IMPLS[name](
+            q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal=causal, softmax_scale=scale,
+            gate_scale=float(gate_scale), gate_shift=float(gate_shift))
+    else:
+        out, gate, _, _ = _fused_forward(
+            q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, float(gate_scale),
+            float(gate_shift), name, deterministic)
+    return (out, gate) if return_gate else out

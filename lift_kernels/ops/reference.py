@@ -1,0 +1,102 @@
+"""The naive gated-memory attention: the definition of correct.
+
+This is the authors' algorithm written plainly: the memory MLP and the gate as batched
+einsums, then ordinary attention with the full ``Nq x Nk`` score matrix materialised.
+Every fast backend is tested against this function (and against a float64 run of it).
+
+Shapes (SPEC section 1):
+    q: [B, Nq, Hq, D] (pre-RoPE)   k, v: [B, Nk, Hkv, D] (k already rotated)
+    w1: [Hq, D, M]  b1: [Hq, M] | None   w2: [Hq, M, D]  b2: [Hq, D] | None
+    g1: [Hq, D, R]  c1: [Hq, R] | None   g2: [Hq, R]
+    cos, sin: [B, Nq, D], [Nq, D] or None
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 accumulation everywhere, float64 when the inputs are float64 (the oracle)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's non-interleaved convention: cat(-x[D/2:], x[:D/2])."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """q: [B, N, H, D]; cos, sin: [B, N, D] or [N, D] (or None: no rotation)."""
+    if cos is None:
+        return q
+    cos = cos.to(q.dtype).unsqueeze(-2)
+    sin = sin.to(q.dtype).unsqueeze(-2)
+    return q * cos + rotate_half(q) * sin
+
+
+def causal_mask(nq: int, nk: int, device) -> torch.Tensor:
+    """Bottom-right aligned: query i sees key j iff j <= i + nk - nq.  [nq, nk] bool."""
+    i = torch.arange(nq, device=device).unsqueeze(1)
+    j = torch.arange(nk, device=device).unsqueeze(0)
+    return j <= i + (nk - nq)
+
+
+def memory_mlp(q, w1, b1, w2, b2):
+    """silu(q @ W1 + b1) @ W2 + b2, per head.  q: [B, N, H, D] -> [B, N, H, D]."""
+    hidden = torch.einsum("bnhd,hdm->bnhm", q, w1)
+    if b1 is not None:
+        hidden = hidden + b1
+    mem = torch.einsum("bnhm,hme->bnhe", F.silu(hidden), w2)
+    if b2 is not None:
+        mem = mem + b2
+    return mem
+
+
+def gate_mlp(q, g1, c1, g2, gate_scale: float, gate_shift: float):
+    """sigmoid(gate_scale * (silu(q @ G1 + c1) @ g2 - gate_shift)).  [B, N, H, D] -> [B, N, H]."""
+    hidden = torch.einsum("bnhd,hdr->bnhr", q, g1)
+    if c1 is not None:
+        hidden = hidden + c1
+    logit = torch.einsum("bnhr,hr->bnh", F.silu(hidden), g2)
+    return torch.sigmoid(gate_scale * (logit - gate_shift))
+
+
+def attention(q_rot, k, v, causal: bool, scale: float):
+    """Plain softmax attention with materialised scores.  Rows that see no key give 0."""
+    hq, hkv = q_rot.shape[2], k.shape[2]
+    group = hq // hkv
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q_rot, k) * scale
+    if causal:
+        visible = causal_mask(q_rot.shape[1], k.shape[1], q_rot.device)
+        # A finite fill (not -inf) keeps fully masked rows NaN-free; multiplying by the
+        # mask afterwards zeroes them, forward and backward.
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1) * visible
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def gated_memory_attention_reference(
+    q, k, v, w1, b1, w2, b2, g1, c1, g2, cos=None, sin=None, *,
+    causal=True, softmax_scale=None, gate_scale=3.0, gate_shift=1.0,
+):
+    """Returns (out [B, Nq, Hq, D] in q's dtype, gate [B, Nq, Hq] in float32 or float64)."""
+    ct = compute_dtype(q.dtype)
+
+    def up(t):
+        return None if t is None else t.to(ct)
+
+    qf, kf, vf = up(q), up(k), up(v)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    mem = memory_mlp(qf, up(w1), up(b1), up(w2), up(b2))
+    gate = gate_mlp(qf, up(g1), up(c1), up(g2), gate_scale, gate_shift)
+    attn = attention(apply_rope(qf, up(cos), up(sin)), kf, vf, causal, scale)
+    g = gate.unsqueeze(-1)
+    out = (1 - g) * attn + g * mem
+    return out.to(q.dtype), gate
