@@ -12,8 +12,8 @@ import torch
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
 # Backends that are plain autograd graphs of PyTorch ops, called directly.
 AUTOGRAD_BACKENDS = ("reference", "torch")
-# Fused backends: a module with unsupported_reason(problem), forward(...) and backward(...),
-# reached through the custom op in function.py.
+# Fused backends: a module with unsupported_reason(name, problem), forward(...) and
+# backward(...) (contract in function.py), reached through its custom op.
 FUSED_MODULES = {
     "triton": "lift_kernels.ops.triton_attention",
     "cuda": "lift_kernels.ops.cext",
@@ -175,20 +175,15 @@ def normalize_rope(cos, sin, batch):
     return norm(cos), norm(sin)
 
 
-def _fused_module(name):
-    return importlib.import_module(FUSED_MODULES[name])
-
-
 def unsupported_reason(name: str, problem: Problem) -> str | None:
     """Why backend `name` cannot serve `problem`, or None if it can."""
     if name in AUTOGRAD_BACKENDS:
         return None
     if problem.dtype == torch.float64:
         return f"the {name} backend computes in float32 at most; float64 is for reference/torch"
-    try:
-        module = _fused_module(name)
-    except ImportError as err:
-        return f"the {name} backend is not available in this build ({err})"
+    module = FUSED_BACKENDS[name]
+    if isinstance(module, str):
+        return module
     return module.unsupported_reason(name, problem)
 
 
@@ -218,4 +213,20 @@ def choose_backend(backend: str, problem: Problem) -> str:
 
 
 def fused_backend(name: str):
-    return _fused_module(name)
+    return FUSED_BACKENDS[name]
+
+
+def _import_fused_backends() -> dict:
+    """name -> module, or the reason it cannot be imported (a str)."""
+    loaded = {}
+    for name, path in FUSED_MODULES.items():
+        try:
+            loaded[name] = importlib.import_module(path)
+        except Exception as err:  # a broken optional dependency must not break the import
+            loaded[name] = f"the {name} backend is not available here ({type(err).__name__}: {err})"
+    return loaded
+
+
+# Imported once, eagerly (at the end: the backend modules may import Problem from here), so
+# that torch.compile never has to trace an import when it meets the op.
+FUSED_BACKENDS = _import_fused_backends()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from .reference import apply_rope, gate_mlp, memory_mlp
+from .reference import apply_rope, compute_dtype, gate_mlp, memory_mlp
 
 
 def sdpa_attention(q_rot, k, v, causal: bool, scale: float):
@@ -41,8 +41,8 @@ def gated_memory_attention_torch(
     q, k, v, w1, b1, w2, b2, g1, c1, g2, cos=None, sin=None, *,
     causal=True, softmax_scale=None, gate_scale=3.0, gate_shift=1.0,
 ):
-    """Same contract as ``reference.gated_memory_attention_reference``; math in q's dtype
-    (matmuls accumulate in float32), the gate in float32."""
+    """Same contract as ``reference.gated_memory_attention_reference``; attention and memory
+    in q's dtype (matmuls accumulate in float32), the gate in float32."""
     dt = q.dtype
 
     def cast(t):
@@ -50,7 +50,8 @@ def gated_memory_attention_torch(
 
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     mem = memory_mlp(q, cast(w1), cast(b1), cast(w2), cast(b2))
-    gate = gate_mlp(q.float(), g1.float(), None if c1 is None else c1.float(), g2.float(),
+    ct = compute_dtype(dt)  # the gate is a float32 output (float64 for the oracle)
+    gate = gate_mlp(q.to(ct), g1.to(ct), None if c1 is None else c1.to(ct), g2.to(ct),
                     gate_scale, gate_shift)
     attn = sdpa_attention(apply_rope(q, cos, sin), k, v, causal, scale)
     g = gate.unsqueeze(-1).to(dt)
