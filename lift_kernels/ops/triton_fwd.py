@@ -1,0 +1,181 @@
+"""Fused Triton forward of gated-memory attention (FA2 structure).
+
+One program per (block of BLOCK_M queries, batch x query head).  It loads the pre-RoPE query
+tile once, runs the memory MLP (streaming the hidden width M in BLOCK_H chunks, so W1/W2
+never need to fit on-chip) and the gate on it, rotates it (fused q-RoPE), runs the online
+softmax over key/value blocks of kv head h // GROUP (GQA by index arithmetic), and blends
+``(1 - g) * attn + g * mem`` in the epilogue.  It saves for the backward the per-row
+log-sum-exp (natural log, float32, -inf for a row that sees no key), the gate (float32)
+and the attention-only output (q's dtype).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query, mma,
+    prune_by_head_dim, silu_parts)
+
+
+@triton.jit
+def memory_tile(q, W1, B1, W2, B2, h, offs_d, HEAD_DIM: tl.constexpr,
+                MEM_HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_H: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """silu(q @ W1 + b1) @ W2 + b2 for one tile, M streamed in BLOCK_H chunks.
+    q [BLOCK_M, BLOCK_D] float32 -> [BLOCK_M, BLOCK_D] float32 for head h (an absent
+    bias is None, so its offset is taken only under its flag)."""
+    d_ok = offs_d < HEAD_DIM
+    W1h = W1 + h * HEAD_DIM * MEM_HIDDEN
+    W2h = W2 + h * MEM_HIDDEN * HEAD_DIM
+    mem = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, MEM_HIDDEN, BLOCK_H):
+        offs_h = m0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < MEM_HIDDEN
+        w1 = tl.load(W1h + offs_d[:, None] * MEM_HIDDEN + offs_h[None, :],
+                     mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+        hidden = mma(q, w1, tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32), DOT_DTYPE,
+                     PRECISION)
+        if HAS_B1:
+            hidden += tl.load(B1 + h * MEM_HIDDEN + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        act, _ = silu_parts(hidden)
+        w2 = tl.load(W2h + offs_h[:, None] * HEAD_DIM + offs_d[None, :],
+                     mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        mem = mma(act, w2, mem, DOT_DTYPE, PRECISION)
+    if HAS_B2:
+        mem += tl.load(B2 + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    return mem
+
+
+@triton.jit
+def gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM: tl.constexpr, GATE_HIDDEN: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, HAS_C1: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """(q @ G1 + c1 [BLOCK_M, BLOCK_R] float32, G1 tile [BLOCK_D, BLOCK_R]) for one tile of
+    head h; padded columns are 0."""
+    G1h = G1 + h * HEAD_DIM * GATE_HIDDEN
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < GATE_HIDDEN
+    g1 = tl.load(G1h + offs_d[:, None] * GATE_HIDDEN + offs_r[None, :],
+                 mask=(offs_d[:, None] < HEAD_DIM) & r_ok[None, :], other=0.0)
+    hidden = mma(q, g1, tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), DOT_DTYPE, PRECISION)
+    if HAS_C1:
+        hidden += tl.load(C1 + h * GATE_HIDDEN + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    return hidden, g1
+
+
+@triton.jit
+def _attn_fwd_blocks(acc, m_i, l_i, q_rot, Kh, Vh, offs_m, offs_d, lo, hi, NQ, NK,
+                     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Online softmax (base 2) over key blocks [lo, hi).  MASKED adds the causal and the
+    key-range masks; a row whose keys are all masked keeps m = -inf and l = 0."""
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keys = offs_n.to(tl.int64)
+        if MASKED:
+            n_ok = offs_n < NK
+        else:
+            n_ok = offs_n >= 0
+        kt = tl.load(Kh + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = mma(q_rot, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_DTYPE,
+                PRECISION) * qk_scale
+        if MASKED:
+            visible = n_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet has m_new = -inf: subtract 0 so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_DTYPE, PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=configs("fwd"), key=["NQ", "NK", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune_by_head_dim})
+@triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS})
+@triton.jit
+def gated_attention_fwd_kernel(
+    Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN,  # inputs (weights contiguous)
+    OUT, ATTN, GATE, LSE,  # outputs, contiguous: [B,NQ,HQ,D] x2, [B,NQ,HQ], [B,HQ,NQ]
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
+    NQ, NK, HQ, GROUP, scale, gate_scale, gate_shift,
+    HEAD_DIM: tl.constexpr, MEM_HIDDEN: tl.constexpr, GATE_HIDDEN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_C1: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // HQ
+    h = bh % HQ
+    kvh = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m.to(tl.int64)
+    m_ok = offs_m < NQ
+    d_ok = offs_d < HEAD_DIM
+    tile_ok = m_ok[:, None] & d_ok[None, :]
+
+    q, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b, rows, offs_d, tile_ok,
+                          stride_qn, stride_qd, stride_cb, stride_cn, stride_cd, stride_sb,
+                          stride_sn, stride_sd, HEAD_DIM, HAS_ROPE)
+
+    mem = memory_tile(q, W1, B1, W2, B2, h, offs_d, HEAD_DIM,
+                      MEM_HIDDEN, BLOCK_M, BLOCK_D, BLOCK_H, HAS_B1, HAS_B2, DOT_DTYPE,
+                      PRECISION)
+    gate_hidden, _ = gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM, GATE_HIDDEN, BLOCK_M, BLOCK_R, HAS_C1,
+                                   DOT_DTYPE, PRECISION)
+    offs_r = tl.arange(0, BLOCK_R)
+    g2 = tl.load(G2 + h * GATE_HIDDEN + offs_r, mask=offs_r < GATE_HIDDEN, other=0.0)
+    gate_act = gate_hidden * tl.sigmoid(gate_hidden)
+    logit = tl.sum(gate_act * g2.to(tl.float32)[None, :], 1)
+    gate = tl.sigmoid(gate_scale * (logit - gate_shift))
+
+    Kh = K + b * stride_kb + kvh * stride_kh
+    Vh = V + b * stride_vb + kvh * stride_vh
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, end = causal_bounds(start_m, NQ, NK, BLOCK_M, BLOCK_N, CAUSAL)
+    q_dot = q_rot.to(Q.dtype.element_ty)
+    acc, m_i, l_i = _attn_fwd_blocks(acc, m_i, l_i, q_dot, Kh, Vh, offs_m, offs_d, 0, full_end,
+                                     NQ, NK, stride_kn, stride_kd, stride_vn, stride_vd,
+                                     qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, False, CAUSAL,
+                                     DOT_DTYPE, PRECISION)
+    acc, m_i, l_i = _attn_fwd_blocks(acc, m_i, l_i, q_dot, Kh, Vh, offs_m, offs_d, full_end,
+                                     end, NQ, NK, stride_kn, stride_kd, stride_vn, stride_vd,
+                                     qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True, CAUSAL,
+                                     DOT_DTYPE, PRECISION)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    attn = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) / LOG2E, float("-inf"))
+    out = (1.0 - gate)[:, None] * attn + gate[:, None] * mem
+
+    tok = (b * NQ + rows) * HQ + h  # [BLOCK_M] int64 token-head index
+    ptrs = tok[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(OUT + ptrs, out.to(OUT.dtype.element_ty), mask=tile_ok)
+    tl.store(ATTN + ptrs, attn.to(ATTN.dtype.element_ty), mask=tile_ok)
+    tl.store(GATE + tok, gate, mask=m_ok)
+    tl.store(LSE + bh * NQ + rows, lse, mask=m_ok)
