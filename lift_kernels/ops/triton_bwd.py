@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query, mma,
-    prune_by_head_dim, rope_partner, silu_parts)
+    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query, prune_by_head_dim,
+    rope_partner)
 from .triton_fwd import gate_hidden_tile
 
 
@@ -91,16 +91,14 @@ def _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_n, 
             stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
             HEAD_DIM, HAS_ROPE)
         d_attn = (1.0 - gate)[:, None] * do
-        s_t = mma(k, tl.trans(q_rot), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                  DOT_DTYPE, PRECISION)
+        s_t = tl.dot(k.to(DOT_DTYPE), tl.trans(q_rot).to(DOT_DTYPE), input_precision=PRECISION)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (NK - NQ), p_t, 0.0)
-        dv = mma(p_t, d_attn, dv, DOT_DTYPE, PRECISION)
-        dp_t = mma(v, tl.trans(d_attn), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                   DOT_DTYPE, PRECISION)
+        dv = tl.dot(p_t.to(DOT_DTYPE), d_attn.to(DOT_DTYPE), dv, input_precision=PRECISION)
+        dp_t = tl.dot(v.to(DOT_DTYPE), tl.trans(d_attn).to(DOT_DTYPE), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = mma(ds_t, q_rot, dk, DOT_DTYPE, PRECISION)
+        dk = tl.dot(ds_t.to(DOT_DTYPE), q_rot.to(DOT_DTYPE), dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -189,17 +187,16 @@ def _dq_attention_blocks(dq, q_rot, d_attn, lse, delta, Kh, Vh, offs_m, offs_d, 
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(Vh + keys[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = mma(q_rot, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_DTYPE, PRECISION)
+        s = tl.dot(q_rot.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             visible = n_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
             p = tl.where(visible, p, 0.0)
-        dp = mma(d_attn, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_DTYPE,
-                 PRECISION)
+        dp = tl.dot(d_attn.to(DOT_DTYPE), vt.to(DOT_DTYPE), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = mma(ds, tl.trans(kt), dq, DOT_DTYPE, PRECISION)
+        dq = tl.dot(ds.to(DOT_DTYPE), tl.trans(kt).to(DOT_DTYPE), dq, input_precision=PRECISION)
     return dq
 
 
@@ -220,26 +217,29 @@ def _memory_backward(dq, q, dmem, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs_d,
         hd_mask = h_ok[:, None] & d_ok[None, :]
         w1 = tl.load(W1 + h * HEAD_DIM * MEM_HIDDEN + offs_d[:, None] * MEM_HIDDEN
                      + offs_h[None, :], mask=dh_mask, other=0.0)
-        hidden = mma(q, w1, tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32), DOT_DTYPE,
-                     PRECISION)
+        hidden = tl.dot(q.to(DOT_DTYPE), w1.to(DOT_DTYPE), input_precision=PRECISION)
         if HAS_B1:
             hidden += tl.load(B1 + h * MEM_HIDDEN + offs_h, mask=h_ok,
                               other=0.0).to(tl.float32)[None, :]
-        act, dact = silu_parts(hidden)
+        sig = tl.sigmoid(hidden)
+        act = hidden * sig
+        dact = sig * (1.0 + hidden * (1.0 - sig))  # silu'
         w2 = tl.load(W2 + h * MEM_HIDDEN * HEAD_DIM + offs_h[:, None] * HEAD_DIM
                      + offs_d[None, :], mask=hd_mask, other=0.0)
-        mem = mma(act, w2, mem, DOT_DTYPE, PRECISION)
-        d_hidden = mma(dmem, tl.trans(w2), tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32),
-                       DOT_DTYPE, PRECISION) * dact
-        dq = mma(d_hidden, tl.trans(w1), dq, DOT_DTYPE, PRECISION)
-        dw1 = mma(tl.trans(q), d_hidden, tl.zeros([BLOCK_D, BLOCK_H], dtype=tl.float32),
-                  DOT_DTYPE, PRECISION)
-        accumulate(DW1 + slot_h * HEAD_DIM * MEM_HIDDEN + offs_d[:, None] * MEM_HIDDEN
-                   + offs_h[None, :], dw1, dh_mask, DETERMINISTIC)
-        dw2 = mma(tl.trans(act), dmem, tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32),
-                  DOT_DTYPE, PRECISION)
-        accumulate(DW2 + slot_h * MEM_HIDDEN * HEAD_DIM + offs_h[:, None] * HEAD_DIM
-                   + offs_d[None, :], dw2, hd_mask, DETERMINISTIC)
+        mem = tl.dot(act.to(DOT_DTYPE), w2.to(DOT_DTYPE), mem, input_precision=PRECISION)
+        d_hidden = tl.dot(dmem.to(DOT_DTYPE), tl.trans(w2).to(DOT_DTYPE), input_precision=PRECISION) * dact
+        dq = tl.dot(d_hidden.to(DOT_DTYPE), tl.trans(w1).to(DOT_DTYPE), dq, input_precision=PRECISION)
+        dw1 = tl.dot(tl.trans(q).to(DOT_DTYPE), d_hidden.to(DOT_DTYPE), input_precision=PRECISION)
+        dw2 = tl.dot(tl.trans(act).to(DOT_DTYPE), dmem.to(DOT_DTYPE), input_precision=PRECISION)
+        dw1_ptrs = DW1 + slot_h * HEAD_DIM * MEM_HIDDEN + offs_d[:, None] * MEM_HIDDEN + offs_h[None, :]
+        dw2_ptrs = DW2 + slot_h * MEM_HIDDEN * HEAD_DIM + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+        # Written out, not through accumulate(): the interpreter pays for every device call.
+        if DETERMINISTIC:
+            tl.store(dw1_ptrs, tl.load(dw1_ptrs, mask=dh_mask, other=0.0) + dw1, mask=dh_mask)
+            tl.store(dw2_ptrs, tl.load(dw2_ptrs, mask=hd_mask, other=0.0) + dw2, mask=hd_mask)
+        else:
+            tl.atomic_add(dw1_ptrs, dw1, mask=dh_mask, sem="relaxed")
+            tl.atomic_add(dw2_ptrs, dw2, mask=hd_mask, sem="relaxed")
         if HAS_B1:
             accumulate(DB1 + slot_h * MEM_HIDDEN + offs_h, tl.sum(d_hidden, 0), h_ok,
                        DETERMINISTIC)
@@ -336,7 +336,9 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DEL
         dz = d_gate * gate * (1.0 - gate) * gate_scale
         gate_hidden, g1 = gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM, GATE_HIDDEN, BLOCK_M,
                                            BLOCK_R, HAS_C1, DOT_DTYPE, PRECISION)
-        gate_act, gate_dact = silu_parts(gate_hidden)
+        gate_sig = tl.sigmoid(gate_hidden)
+        gate_act = gate_hidden * gate_sig
+        gate_dact = gate_sig * (1.0 + gate_hidden * (1.0 - gate_sig))
         g2 = tl.load(G2 + h * GATE_HIDDEN + offs_r, mask=r_ok, other=0.0).to(tl.float32)
         accumulate(DG2 + slot_h * GATE_HIDDEN + offs_r, tl.sum(dz[:, None] * gate_act, 0), r_ok,
                    DETERMINISTIC)
@@ -344,11 +346,10 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DEL
         if HAS_C1:
             accumulate(DC1 + slot_h * GATE_HIDDEN + offs_r, tl.sum(d_gate_hidden, 0), r_ok,
                        DETERMINISTIC)
-        dg1 = mma(tl.trans(q), d_gate_hidden, tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32),
-                  DOT_DTYPE, PRECISION)
+        dg1 = tl.dot(tl.trans(q).to(DOT_DTYPE), d_gate_hidden.to(DOT_DTYPE), input_precision=PRECISION)
         accumulate(DG1 + slot_h * HEAD_DIM * GATE_HIDDEN + offs_d[:, None] * GATE_HIDDEN
                    + offs_r[None, :], dg1, d_ok[:, None] & r_ok[None, :], DETERMINISTIC)
-        dq = mma(d_gate_hidden, tl.trans(g1), dq, DOT_DTYPE, PRECISION)
+        dq = tl.dot(d_gate_hidden.to(DOT_DTYPE), tl.trans(g1).to(DOT_DTYPE), dq, input_precision=PRECISION)
 
         tl.store(DQ + tok[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=tile_ok)

@@ -103,19 +103,6 @@ def prune_by_head_dim(configs, named_args, **kwargs):
 
 
 @triton.jit
-def mma(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b with both operands in DOT_DTYPE, accumulated in float32."""
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-
-
-@triton.jit
-def silu_parts(x):
-    """(silu(x), silu'(x)) elementwise, float32."""
-    sig = tl.sigmoid(x)
-    return x * sig, sig * (1.0 + x * (1.0 - sig))
-
-
-@triton.jit
 def rope_partner(offs_d, HEAD_DIM: tl.constexpr):
     """rotate_half as an index map: rotate_half(x)[d] = sign[d] * x[partner[d]]."""
     half: tl.constexpr = HEAD_DIM // 2
@@ -134,7 +121,11 @@ def load_query(Q, COS, SIN, b, rows, offs_d, mask, stride_qn, stride_qd, stride_
     q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask,
                 other=0.0).to(tl.float32)
     if HAS_ROPE:
-        partner, sign = rope_partner(offs_d, HEAD_DIM)
+        # rotate_half(q)[d] = sign[d] * q[partner[d]], as rope_partner (inlined: called per
+        # block in the dK/dV loop, and the interpreter pays for every device call).
+        half: tl.constexpr = HEAD_DIM // 2
+        partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+        sign = tl.where(offs_d < half, -1.0, 1.0)
         q_partner = tl.load(Q + rows[:, None] * stride_qn + partner[None, :] * stride_qd,
                             mask=mask, other=0.0).to(tl.float32)
         cos = tl.load(COS + b * stride_cb + rows[:, None] * stride_cn + offs_d[None, :] * stride_cd, mask=mask,

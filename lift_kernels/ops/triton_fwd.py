@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query, mma,
-    prune_by_head_dim, silu_parts)
+    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query, prune_by_head_dim)
 
 
 @triton.jit
@@ -36,14 +35,13 @@ def memory_tile(q, W1, B1, W2, B2, h, offs_d, HEAD_DIM: tl.constexpr,
         h_ok = offs_h < MEM_HIDDEN
         w1 = tl.load(W1h + offs_d[:, None] * MEM_HIDDEN + offs_h[None, :],
                      mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-        hidden = mma(q, w1, tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32), DOT_DTYPE,
-                     PRECISION)
+        hidden = tl.dot(q.to(DOT_DTYPE), w1.to(DOT_DTYPE), input_precision=PRECISION)
         if HAS_B1:
             hidden += tl.load(B1 + h * MEM_HIDDEN + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        act, _ = silu_parts(hidden)
+        act = hidden * tl.sigmoid(hidden)
         w2 = tl.load(W2h + offs_h[:, None] * HEAD_DIM + offs_d[None, :],
                      mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-        mem = mma(act, w2, mem, DOT_DTYPE, PRECISION)
+        mem = tl.dot(act.to(DOT_DTYPE), w2.to(DOT_DTYPE), mem, input_precision=PRECISION)
     if HAS_B2:
         mem += tl.load(B2 + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     return mem
@@ -60,7 +58,7 @@ def gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM: tl.constexpr, GATE_HIDDEN: 
     r_ok = offs_r < GATE_HIDDEN
     g1 = tl.load(G1h + offs_d[:, None] * GATE_HIDDEN + offs_r[None, :],
                  mask=(offs_d[:, None] < HEAD_DIM) & r_ok[None, :], other=0.0)
-    hidden = mma(q, g1, tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), DOT_DTYPE, PRECISION)
+    hidden = tl.dot(q.to(DOT_DTYPE), g1.to(DOT_DTYPE), input_precision=PRECISION)
     if HAS_C1:
         hidden += tl.load(C1 + h * GATE_HIDDEN + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     return hidden, g1
@@ -84,8 +82,7 @@ def _attn_fwd_blocks(acc, m_i, l_i, q_rot, Kh, Vh, offs_m, offs_d, lo, hi, NQ, N
             n_ok = offs_n >= 0
         kt = tl.load(Kh + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = mma(q_rot, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_DTYPE,
-                PRECISION) * qk_scale
+        s = tl.dot(q_rot.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = n_ok[None, :]
             if CAUSAL:
@@ -99,7 +96,7 @@ def _attn_fwd_blocks(acc, m_i, l_i, q_rot, Kh, Vh, offs_m, offs_d, lo, hi, NQ, N
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(Vh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_DTYPE, PRECISION)
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 

@@ -1,0 +1,10 @@
+"""Test session setup.  Without a CUDA device the Triton kernels run under Triton's
+interpreter on CPU tensors; triton.jit reads TRITON_INTERPRET when a kernel is defined, so it
+is set here, before any test module imports lift_kernels' Triton backend."""
+
+import os
+
+import torch
+
+if os.environ.get("LIFT_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
