@@ -90,7 +90,7 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
 
 def _fixed_config(kind, head_dim):
     """The configuration deterministic mode uses: the first one autotuning would try."""
-    config = prune_by_head_dim(configs(kind), {"HEAD_DIM": head_dim})[0]
+    config = prune_by_head_dim(configs(kind), {}, HEAD_DIM=head_dim)[0]
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 

@@ -282,14 +282,14 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DEL
         rows = offs_m.to(tl.int64)
         m_ok = offs_m < NQ
         tile_ok = m_ok[:, None] & d_ok[None, :]
-        q, q_rot, do, gate, lse, delta = _query_side(
+        # Attention part, in the rotated frame; only what the key loop needs stays live.
+        _, q_rot, do, gate, lse, delta = _query_side(
             Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_m, offs_d, NQ, HQ,
             stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
             stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
             HEAD_DIM, HAS_ROPE)
-
-        # Attention part, in the rotated frame.
-        d_attn = (1.0 - gate)[:, None] * do
+        q_rot = q_rot.to(DOT_DTYPE)
+        d_attn = ((1.0 - gate)[:, None] * do).to(DOT_DTYPE)
         Kh = K + b * stride_kb + kvh * stride_kh
         Vh = V + b * stride_vb + kvh * stride_vh
         full_end, end = causal_bounds(start_m, NQ, NK, BLOCK_M, BLOCK_N, CAUSAL)
@@ -317,7 +317,12 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DEL
         else:
             dq = dq_rot
 
-        # Memory branch: dmem = g * dO.
+        # Memory branch, dmem = g * dO: the pre-RoPE query and dO are loaded again (L2 hits)
+        # rather than kept live through the key loop.
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
+                    + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
+        do = tl.load(DO + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+                     + offs_d[None, :] * stride_od, mask=tile_ok, other=0.0).to(tl.float32)
         dmem = gate[:, None] * do
         dq, mem = _memory_backward(dq, q, dmem, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs_d,
                                    HEAD_DIM, MEM_HIDDEN, BLOCK_M, BLOCK_D, BLOCK_H, HAS_B1,

@@ -18,7 +18,7 @@ import triton.language as tl
 # Read once: triton.jit decides at decoration time whether a kernel is interpreted.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def dot_dtype(args):
@@ -91,8 +91,9 @@ def configs(kind):
 
 
 def prune_by_head_dim(configs, named_args, **kwargs):
-    """Drop the tiles that cannot fit registers/shared memory at large head dims."""
-    d = named_args["HEAD_DIM"]
+    """Drop the tiles that cannot fit registers/shared memory at large head dims.  The
+    autotuner passes positional arguments as named_args and keywords (HEAD_DIM) as kwargs."""
+    d = kwargs["HEAD_DIM"] if "HEAD_DIM" in kwargs else named_args["HEAD_DIM"]
     if d <= 64:
         return configs
     limit = 64 if d <= 128 else 32

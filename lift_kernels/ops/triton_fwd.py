@@ -132,21 +132,11 @@ def gated_attention_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     tile_ok = m_ok[:, None] & d_ok[None, :]
 
-    q, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b, rows, offs_d, tile_ok,
+    # Attention first: only the rotated query tile stays live through the key loop.
+    _, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b, rows, offs_d, tile_ok,
                           stride_qn, stride_qd, stride_cb, stride_cn, stride_cd, stride_sb,
                           stride_sn, stride_sd, HEAD_DIM, HAS_ROPE)
-
-    mem = memory_tile(q, W1, B1, W2, B2, h, offs_d, HEAD_DIM,
-                      MEM_HIDDEN, BLOCK_M, BLOCK_D, BLOCK_H, HAS_B1, HAS_B2, DOT_DTYPE,
-                      PRECISION)
-    gate_hidden, _ = gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM, GATE_HIDDEN, BLOCK_M, BLOCK_R, HAS_C1,
-                                   DOT_DTYPE, PRECISION)
-    offs_r = tl.arange(0, BLOCK_R)
-    g2 = tl.load(G2 + h * GATE_HIDDEN + offs_r, mask=offs_r < GATE_HIDDEN, other=0.0)
-    gate_act = gate_hidden * tl.sigmoid(gate_hidden)
-    logit = tl.sum(gate_act * g2.to(tl.float32)[None, :], 1)
-    gate = tl.sigmoid(gate_scale * (logit - gate_shift))
-
+    q_dot = q_rot.to(Q.dtype.element_ty)
     Kh = K + b * stride_kb + kvh * stride_kh
     Vh = V + b * stride_vb + kvh * stride_vh
     qk_scale = scale * LOG2E
@@ -154,7 +144,6 @@ def gated_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, end = causal_bounds(start_m, NQ, NK, BLOCK_M, BLOCK_N, CAUSAL)
-    q_dot = q_rot.to(Q.dtype.element_ty)
     acc, m_i, l_i = _attn_fwd_blocks(acc, m_i, l_i, q_dot, Kh, Vh, offs_m, offs_d, 0, full_end,
                                      NQ, NK, stride_kn, stride_kd, stride_vn, stride_vd,
                                      qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, False, CAUSAL,
@@ -163,11 +152,24 @@ def gated_attention_fwd_kernel(
                                      end, NQ, NK, stride_kn, stride_kd, stride_vn, stride_vd,
                                      qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True, CAUSAL,
                                      DOT_DTYPE, PRECISION)
-
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     attn = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) / LOG2E, float("-inf"))
+
+    # Epilogue: the memory MLP and the gate read the pre-RoPE tile, loaded again (an L2 hit)
+    # rather than kept live through the loop.
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
+    mem = memory_tile(q, W1, B1, W2, B2, h, offs_d, HEAD_DIM, MEM_HIDDEN, BLOCK_M, BLOCK_D,
+                      BLOCK_H, HAS_B1, HAS_B2, DOT_DTYPE, PRECISION)
+    gate_hidden, _ = gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM, GATE_HIDDEN, BLOCK_M,
+                                      BLOCK_R, HAS_C1, DOT_DTYPE, PRECISION)
+    offs_r = tl.arange(0, BLOCK_R)
+    g2 = tl.load(G2 + h * GATE_HIDDEN + offs_r, mask=offs_r < GATE_HIDDEN, other=0.0)
+    gate_act = gate_hidden * tl.sigmoid(gate_hidden)
+    logit = tl.sum(gate_act * g2.to(tl.float32)[None, :], 1)
+    gate = tl.sigmoid(gate_scale * (logit - gate_shift))
     out = (1.0 - gate)[:, None] * attn + gate[:, None] * mem
 
     tok = (b * NQ + rows) * HQ + h  # [BLOCK_M] int64 token-head index
