@@ -46,7 +46,7 @@ def compile_kernel(kind, dtype, head_dim, config, bias=True, rope=True, causal=T
     pointers.update({n: dtype for n in ("W1", "W2", "G1", "G2")})
     pointers.update({n: (dtype if bias else None) for n in ("B1", "B2", "C1")})
     pointers.update({n: ("fp32" if rope else None) for n in ("COS", "SIN")})
-    pointers.update({n: "fp32" for n in ("GATE", "LSE", "DELTA", "DW1", "DW2", "DG1", "DG2")})
+    pointers.update({n: "fp32" for n in ("GATE", "LSE", "DO_ATTN", "DW1", "DW2", "DG1", "DG2")})
     pointers.update({n: ("fp32" if bias else None) for n in ("DB1", "DB2", "DC1")})
     pointers["DGATE"] = "fp32"
     constants = dict(HEAD_DIM=head_dim, MEM_HIDDEN=2 * head_dim,

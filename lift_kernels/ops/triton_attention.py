@@ -116,14 +116,14 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     consts = _constants(q, w1, g1, causal)
     strides = (*_launch_args(q, k, v, cos, sin), *dout.stride())
 
-    delta = _new(lse.shape, torch.float32, q.device)
+    do_attn = _new(lse.shape, torch.float32, q.device)  # rowsum(dout * attn) [B, Hq, Nq]
     pre_block = 16 if INTERPRETED else 64
     preprocess_kernel[(triton.cdiv(nq, pre_block), batch * hq)](
-        dout, attn, gate, delta, *dout.stride(), nq, hq, HEAD_DIM=d, BLOCK_M=pre_block)
+        dout, attn, do_attn, *dout.stride(), nq, hq, HEAD_DIM=d, BLOCK_M=pre_block)
 
     dk = _new(k.shape, k.dtype, k.device)
     dv = _new(v.shape, v.dtype, v.device)
-    dkdv_args = (q, k, v, cos, sin, dout, gate, lse, delta, dk, dv, *strides, nq, nk, hq,
+    dkdv_args = (q, k, v, cos, sin, dout, gate, lse, do_attn, dk, dv, *strides, nq, nk, hq,
                  hq // hkv, scale)
     dkdv_consts = dict(HEAD_DIM=d, CAUSAL=causal)
     if deterministic:
@@ -144,8 +144,8 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     buffers = [None if t is None else
                torch.zeros((slots, *t.shape), dtype=torch.float32, device=q.device)
                for t in weights]
-    dq_args = (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse, delta,
-               attn, dq, *buffers, *strides, batch, nq, nk, hq, hq // hkv, scale, gate_scale)
+    dq_args = (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse, do_attn,
+               dq, *buffers, *strides, batch, nq, nk, hq, hq // hkv, scale, gate_scale)
     if deterministic:
         dq_kernel[(slots, hq)](*dq_args, **consts, DETERMINISTIC=True, **fixed)
     else:

@@ -1,19 +1,21 @@
 """Fused Triton backward of gated-memory attention (FA2 structure), three kernels:
 
-1. `preprocess_kernel`: delta = rowsum(dA * attn) per (batch, head, query), with the
-   attention's upstream gradient dA = (1 - g) * dO.
+1. `preprocess_kernel`: rowsum(dO * attn) per (batch, head, query).  The attention's
+   upstream gradient is dA = (1 - g) * dO, so FA2's delta = rowsum(dA * attn) is
+   (1 - g) * rowsum(dO * attn); the gate branch needs rowsum(dO * attn) itself.
 2. `dkdv_kernel`: one program per (block of keys, batch x kv head); it loops over the
    GROUP query heads that read this kv head and over their query blocks, so dK/dV of a GQA
    group are summed in registers (no per-query-head copies, no atomics).
 3. `dq_kernel`: one program per (query tiles, query head): the attention part of dq
    (rotated back to the pre-RoPE query: R^T dq_rot), then the memory branch (dmem = g * dO)
-   and the gate branch (dg = rowsum(dO * (mem - attn)) + the gate output's own gradient)
+   and the gate branch (dg = rowsum(dO * mem) - rowsum(dO * attn) + the gate output's own
+   gradient, rowsum(dO * mem) summed chunk by chunk, so mem is never materialised)
    through both MLPs into the same dq, and the weight gradients of its tiles: fp32 atomics
    into one buffer, or (DETERMINISTIC) read-modify-write into the program's own slot of a
    [slots, ...] buffer that the caller sums in a fixed order.
 
 Pointers and shapes are those of triton_fwd.py; DO is dout [B, Nq, Hq, D] (any strides),
-GATE [B, Nq, Hq], LSE/DELTA [B, Hq, Nq], ATTN [B, Nq, Hq, D] (contiguous, from the forward).
+GATE [B, Nq, Hq], LSE/DO_ATTN [B, Hq, Nq], ATTN [B, Nq, Hq, D] (contiguous, from the forward).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .triton_fwd import gate_hidden_tile
 
 @triton.heuristics({"BLOCK_D": ATTENTION_HEURISTICS["BLOCK_D"]})
 @triton.jit
-def preprocess_kernel(DO, ATTN, GATE, DELTA, stride_ob, stride_on, stride_oh, stride_od, NQ, HQ,
+def preprocess_kernel(DO, ATTN, DO_ATTN, stride_ob, stride_on, stride_oh, stride_od, NQ, HQ,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -45,13 +47,11 @@ def preprocess_kernel(DO, ATTN, GATE, DELTA, stride_ob, stride_on, stride_oh, st
     tok = (b * NQ + rows) * HQ + h
     attn = tl.load(ATTN + tok[:, None] * HEAD_DIM + offs_d[None, :], mask=mask,
                    other=0.0).to(tl.float32)
-    gate = tl.load(GATE + tok, mask=m_ok, other=0.0)
-    delta = (1.0 - gate) * tl.sum(do * attn, 1)
-    tl.store(DELTA + bh * NQ + rows, delta, mask=m_ok)
+    tl.store(DO_ATTN + bh * NQ + rows, tl.sum(do * attn, 1), mask=m_ok)
 
 
 @triton.jit
-def _query_side(Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_m, offs_d, NQ, HQ,
+def _query_side(Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_m, offs_d, NQ, HQ,
                 stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
                 stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
                 HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr):
@@ -69,12 +69,12 @@ def _query_side(Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_m, offs_d, NQ, HQ,
     gate = tl.load(GATE + (b * NQ + rows) * HQ + h, mask=m_ok, other=0.0)
     lse = tl.load(LSE + (b * HQ + h) * NQ + rows, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    delta = tl.load(DELTA + (b * HQ + h) * NQ + rows, mask=m_ok, other=0.0)
+    delta = (1.0 - gate) * tl.load(DO_ATTN + (b * HQ + h) * NQ + rows, mask=m_ok, other=0.0)
     return q, q_rot, do, gate, lse, delta
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_n, offs_d, lo, hi,
+def _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_n, offs_d, lo, hi,
                  NQ, NK, HQ, qk_scale,
                  stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
                  stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
@@ -86,7 +86,7 @@ def _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_n, 
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, q_rot, do, gate, lse, delta = _query_side(
-            Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_m, offs_d, NQ, HQ,
+            Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_m, offs_d, NQ, HQ,
             stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
             stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
             HEAD_DIM, HAS_ROPE)
@@ -102,7 +102,7 @@ def _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_n, 
     return dk, dv
 
 
-def _dkdv(Q, K, V, COS, SIN, DO, GATE, LSE, DELTA, DK, DV,
+def _dkdv(Q, K, V, COS, SIN, DO, GATE, LSE, DO_ATTN, DK, DV,
           stride_qb, stride_qn, stride_qh, stride_qd,
           stride_kb, stride_kn, stride_kh, stride_kd,
           stride_vb, stride_vn, stride_vh, stride_vd,
@@ -141,13 +141,13 @@ def _dkdv(Q, K, V, COS, SIN, DO, GATE, LSE, DELTA, DK, DV,
     qk_scale = scale * LOG2E
     for g in range(GROUP):
         h = kvh * GROUP + g
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_n,
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_n,
                               offs_d, lo, full_lo, NQ, NK, HQ, qk_scale,
                               stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn,
                               stride_cd, stride_sb, stride_sn, stride_sd, stride_ob, stride_on,
                               stride_oh, stride_od, HEAD_DIM, BLOCK_M, BLOCK_N, True, HAS_ROPE,
                               DOT_DTYPE, PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_n,
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_n,
                               offs_d, full_lo, q_blocks_end, NQ, NK, HQ, qk_scale,
                               stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn,
                               stride_cd, stride_sb, stride_sn, stride_sd, stride_ob, stride_on,
@@ -201,15 +201,17 @@ def _dq_attention_blocks(dq, q_rot, d_attn, lse, delta, Kh, Vh, offs_m, offs_d, 
 
 
 @triton.jit
-def _memory_backward(dq, q, dmem, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs_d,
+def _memory_backward(dq, q, do, gate, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs_d,
                      HEAD_DIM: tl.constexpr, MEM_HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, HAS_B1: tl.constexpr,
-                     DETERMINISTIC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """Backward of mem = silu(q W1 + b1) W2 (+ b2) for one tile, M streamed in chunks:
-    returns (dq + dhidden W1^T, mem) and adds this tile's dW1, db1, dW2 into slot_h."""
+                     BLOCK_H: tl.constexpr, HAS_B1: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward of g * mem, mem = silu(q W1 + b1) W2 (+ b2), for one tile, M streamed in
+    chunks, with e = dO W2^T per chunk: d_hidden = g * e * silu'(hidden), dW2 = (g * act)^T dO.
+    Returns (dq + d_hidden W1^T, rowsum(dO * (mem - b2)) = sum over chunks of
+    rowsum(act * e)) and adds this tile's dW1, db1, dW2 into slot_h; neither mem nor
+    g * dO is held as a [BLOCK_M, D] tile.  q, do [BLOCK_M, BLOCK_D]; gate [BLOCK_M]."""
     d_ok = offs_d < HEAD_DIM
-    mem = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    do_mem = tl.zeros([BLOCK_M], dtype=tl.float32)
     for m0 in range(0, MEM_HIDDEN, BLOCK_H):
         offs_h = m0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < MEM_HIDDEN
@@ -223,16 +225,20 @@ def _memory_backward(dq, q, dmem, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs_d,
                               other=0.0).to(tl.float32)[None, :]
         sig = tl.sigmoid(hidden)
         act = hidden * sig
-        dact = sig * (1.0 + hidden * (1.0 - sig))  # silu'
         w2 = tl.load(W2 + h * MEM_HIDDEN * HEAD_DIM + offs_h[:, None] * HEAD_DIM
                      + offs_d[None, :], mask=hd_mask, other=0.0)
-        mem = tl.dot(act.to(DOT_DTYPE), w2.to(DOT_DTYPE), mem, input_precision=PRECISION)
-        d_hidden = tl.dot(dmem.to(DOT_DTYPE), tl.trans(w2).to(DOT_DTYPE), input_precision=PRECISION) * dact
-        dq = tl.dot(d_hidden.to(DOT_DTYPE), tl.trans(w1).to(DOT_DTYPE), dq, input_precision=PRECISION)
+        e = tl.dot(do.to(DOT_DTYPE), tl.trans(w2).to(DOT_DTYPE), input_precision=PRECISION)
+        do_mem += tl.sum(act * e, 1)
+        d_hidden = gate[:, None] * e * (sig * (1.0 + hidden * (1.0 - sig)))  # silu'
+        dq = tl.dot(d_hidden.to(DOT_DTYPE), tl.trans(w1).to(DOT_DTYPE), dq,
+                    input_precision=PRECISION)
         dw1 = tl.dot(tl.trans(q).to(DOT_DTYPE), d_hidden.to(DOT_DTYPE), input_precision=PRECISION)
-        dw2 = tl.dot(tl.trans(act).to(DOT_DTYPE), dmem.to(DOT_DTYPE), input_precision=PRECISION)
-        dw1_ptrs = DW1 + slot_h * HEAD_DIM * MEM_HIDDEN + offs_d[:, None] * MEM_HIDDEN + offs_h[None, :]
-        dw2_ptrs = DW2 + slot_h * MEM_HIDDEN * HEAD_DIM + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+        dw2 = tl.dot(tl.trans(act * gate[:, None]).to(DOT_DTYPE), do.to(DOT_DTYPE),
+                     input_precision=PRECISION)
+        dw1_ptrs = (DW1 + slot_h * HEAD_DIM * MEM_HIDDEN + offs_d[:, None] * MEM_HIDDEN
+                    + offs_h[None, :])
+        dw2_ptrs = (DW2 + slot_h * MEM_HIDDEN * HEAD_DIM + offs_h[:, None] * HEAD_DIM
+                    + offs_d[None, :])
         # Written out, not through accumulate(): the interpreter pays for every device call.
         if DETERMINISTIC:
             tl.store(dw1_ptrs, tl.load(dw1_ptrs, mask=dh_mask, other=0.0) + dw1, mask=dh_mask)
@@ -243,10 +249,10 @@ def _memory_backward(dq, q, dmem, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs_d,
         if HAS_B1:
             accumulate(DB1 + slot_h * MEM_HIDDEN + offs_h, tl.sum(d_hidden, 0), h_ok,
                        DETERMINISTIC)
-    return dq, mem
+    return dq, do_mem
 
 
-def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DELTA, ATTN,
+def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DO_ATTN,
         DQ, DW1, DB1, DW2, DB2, DG1, DC1, DG2,
         stride_qb, stride_qn, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
@@ -284,7 +290,7 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DEL
         tile_ok = m_ok[:, None] & d_ok[None, :]
         # Attention part, in the rotated frame; only what the key loop needs stays live.
         _, q_rot, do, gate, lse, delta = _query_side(
-            Q, COS, SIN, DO, GATE, LSE, DELTA, b, h, offs_m, offs_d, NQ, HQ,
+            Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_m, offs_d, NQ, HQ,
             stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
             stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
             HEAD_DIM, HAS_ROPE)
@@ -317,25 +323,24 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DEL
         else:
             dq = dq_rot
 
-        # Memory branch, dmem = g * dO: the pre-RoPE query and dO are loaded again (L2 hits)
+        # Memory branch (dmem = g * dO): the pre-RoPE query and dO are loaded again (L2 hits)
         # rather than kept live through the key loop.
         q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
                     + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
         do = tl.load(DO + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
-                     + offs_d[None, :] * stride_od, mask=tile_ok, other=0.0).to(tl.float32)
-        dmem = gate[:, None] * do
-        dq, mem = _memory_backward(dq, q, dmem, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs_d,
-                                   HEAD_DIM, MEM_HIDDEN, BLOCK_M, BLOCK_D, BLOCK_H, HAS_B1,
-                                   DETERMINISTIC, DOT_DTYPE, PRECISION)
+                     + offs_d[None, :] * stride_od, mask=tile_ok, other=0.0)
+        dq, do_mem = _memory_backward(dq, q, do, gate, W1, B1, W2, DW1, DB1, DW2, h, slot_h,
+                                      offs_d, HEAD_DIM, MEM_HIDDEN, BLOCK_M, BLOCK_H, HAS_B1,
+                                      DETERMINISTIC, DOT_DTYPE, PRECISION)
         if HAS_B2:
-            mem += tl.load(B2 + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-            accumulate(DB2 + slot_h * HEAD_DIM + offs_d, tl.sum(dmem, 0), d_ok, DETERMINISTIC)
+            b2 = tl.load(B2 + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            do_mem += tl.sum(do.to(tl.float32) * b2[None, :], 1)
+            accumulate(DB2 + slot_h * HEAD_DIM + offs_d,
+                       tl.sum(gate[:, None] * do.to(tl.float32), 0), d_ok, DETERMINISTIC)
 
         # Gate branch: out = attn + g * (mem - attn), gate = sigmoid(gate_scale * (z - shift)).
         tok = (b * NQ + rows) * HQ + h
-        attn = tl.load(ATTN + tok[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_ok,
-                       other=0.0).to(tl.float32)
-        d_gate = tl.sum(do * (mem - attn), 1)
+        d_gate = do_mem - tl.load(DO_ATTN + (b * HQ + h) * NQ + rows, mask=m_ok, other=0.0)
         if HAS_DGATE:
             d_gate += tl.load(DGATE + tok, mask=m_ok, other=0.0).to(tl.float32)
         dz = d_gate * gate * (1.0 - gate) * gate_scale

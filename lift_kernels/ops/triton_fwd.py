@@ -19,17 +19,16 @@ from .triton_common import (
 
 
 @triton.jit
-def memory_tile(q, W1, B1, W2, B2, h, offs_d, HEAD_DIM: tl.constexpr,
-                MEM_HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_H: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """silu(q @ W1 + b1) @ W2 + b2 for one tile, M streamed in BLOCK_H chunks.
-    q [BLOCK_M, BLOCK_D] float32 -> [BLOCK_M, BLOCK_D] float32 for head h (an absent
-    bias is None, so its offset is taken only under its flag)."""
+def add_gated_memory(acc, gate, q, W1, B1, W2, B2, h, offs_d, HEAD_DIM: tl.constexpr,
+                     MEM_HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_B1: tl.constexpr,
+                     HAS_B2: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + gate * (silu(q @ W1 + b1) @ W2 + b2) for one tile of head h, M streamed in
+    BLOCK_H chunks; the gated memory goes straight into acc, so no second [BLOCK_M, BLOCK_D]
+    accumulator is live.  acc [BLOCK_M, BLOCK_D] float32, gate [BLOCK_M], q [BLOCK_M, BLOCK_D].
+    An absent bias is None, so its offset is taken only under its flag."""
     d_ok = offs_d < HEAD_DIM
     W1h = W1 + h * HEAD_DIM * MEM_HIDDEN
     W2h = W2 + h * MEM_HIDDEN * HEAD_DIM
-    mem = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, MEM_HIDDEN, BLOCK_H):
         offs_h = m0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < MEM_HIDDEN
@@ -38,13 +37,14 @@ def memory_tile(q, W1, B1, W2, B2, h, offs_d, HEAD_DIM: tl.constexpr,
         hidden = tl.dot(q.to(DOT_DTYPE), w1.to(DOT_DTYPE), input_precision=PRECISION)
         if HAS_B1:
             hidden += tl.load(B1 + h * MEM_HIDDEN + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        act = hidden * tl.sigmoid(hidden)
+        gated_act = (hidden * tl.sigmoid(hidden)) * gate[:, None]
         w2 = tl.load(W2h + offs_h[:, None] * HEAD_DIM + offs_d[None, :],
                      mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-        mem = tl.dot(act.to(DOT_DTYPE), w2.to(DOT_DTYPE), mem, input_precision=PRECISION)
+        acc = tl.dot(gated_act.to(DOT_DTYPE), w2.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if HAS_B2:
-        mem += tl.load(B2 + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    return mem
+        b2 = tl.load(B2 + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        acc += gate[:, None] * b2[None, :]
+    return acc
 
 
 @triton.jit
@@ -156,13 +156,15 @@ def gated_attention_fwd_kernel(
     l_safe = tl.where(seen, l_i, 1.0)
     attn = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) / LOG2E, float("-inf"))
+    tok = (b * NQ + rows) * HQ + h  # [BLOCK_M] int64 token-head index
+    ptrs = tok[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(ATTN + ptrs, attn.to(ATTN.dtype.element_ty), mask=tile_ok)
+    tl.store(LSE + bh * NQ + rows, lse, mask=m_ok)
 
-    # Epilogue: the memory MLP and the gate read the pre-RoPE tile, loaded again (an L2 hit)
-    # rather than kept live through the loop.
+    # Epilogue: the gate and the memory MLP read the pre-RoPE tile, loaded again (an L2 hit)
+    # rather than kept live through the loop; out = (1 - g) * attn + g * mem.
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
                 + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
-    mem = memory_tile(q, W1, B1, W2, B2, h, offs_d, HEAD_DIM, MEM_HIDDEN, BLOCK_M, BLOCK_D,
-                      BLOCK_H, HAS_B1, HAS_B2, DOT_DTYPE, PRECISION)
     gate_hidden, _ = gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM, GATE_HIDDEN, BLOCK_M,
                                       BLOCK_R, HAS_C1, DOT_DTYPE, PRECISION)
     offs_r = tl.arange(0, BLOCK_R)
@@ -170,11 +172,7 @@ def gated_attention_fwd_kernel(
     gate_act = gate_hidden * tl.sigmoid(gate_hidden)
     logit = tl.sum(gate_act * g2.to(tl.float32)[None, :], 1)
     gate = tl.sigmoid(gate_scale * (logit - gate_shift))
-    out = (1.0 - gate)[:, None] * attn + gate[:, None] * mem
-
-    tok = (b * NQ + rows) * HQ + h  # [BLOCK_M] int64 token-head index
-    ptrs = tok[:, None] * HEAD_DIM + offs_d[None, :]
+    out = add_gated_memory((1.0 - gate)[:, None] * attn, gate, q, W1, B1, W2, B2, h, offs_d,
+                           HEAD_DIM, MEM_HIDDEN, BLOCK_H, HAS_B1, HAS_B2, DOT_DTYPE, PRECISION)
     tl.store(OUT + ptrs, out.to(OUT.dtype.element_ty), mask=tile_ok)
-    tl.store(ATTN + ptrs, attn.to(ATTN.dtype.element_ty), mask=tile_ok)
     tl.store(GATE + tok, gate, mask=m_ok)
-    tl.store(LSE + bh * NQ + rows, lse, mask=m_ok)
