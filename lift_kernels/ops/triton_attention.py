@@ -21,7 +21,7 @@ except ImportError:  # the backend then reports itself unavailable
 if triton is not None:
     from .triton_bwd import (
         dkdv_kernel, dkdv_kernel_tuned, dq_kernel, dq_kernel_tuned, preprocess_kernel)
-    from .triton_common import INTERPRETED, configs, prune_by_head_dim
+    from .triton_common import INTERPRETED, configs, prune_by_head_dim, seq_bucket
     from .triton_fwd import gated_attention_fwd_kernel
 
 
@@ -79,12 +79,12 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
     lse = _new((batch, hq, nq), torch.float32, q.device)
 
     def grid(meta):
-        return (triton.cdiv(nq, meta["BLOCK_M"]), batch * hq)
+        return (batch * hq, triton.cdiv(nq, meta["BLOCK_M"]))
 
     gated_attention_fwd_kernel[grid](
         q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, out, attn, gate, lse,
         *_launch_args(q, k, v, cos, sin), nq, nk, hq, hq // hkv, scale, gate_scale, gate_shift,
-        **_constants(q, w1, g1, causal))
+        seq_bucket(nq, nk), **_constants(q, w1, g1, causal))
     return out, gate, lse, attn
 
 
@@ -118,20 +118,20 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
 
     do_attn = _new(lse.shape, torch.float32, q.device)  # rowsum(dout * attn) [B, Hq, Nq]
     pre_block = 16 if INTERPRETED else 64
-    preprocess_kernel[(triton.cdiv(nq, pre_block), batch * hq)](
+    preprocess_kernel[(batch * hq, triton.cdiv(nq, pre_block))](
         dout, attn, do_attn, *dout.stride(), nq, hq, HEAD_DIM=d, BLOCK_M=pre_block)
 
     dk = _new(k.shape, k.dtype, k.device)
     dv = _new(v.shape, v.dtype, v.device)
     dkdv_args = (q, k, v, cos, sin, dout, gate, lse, do_attn, dk, dv, *strides, nq, nk, hq,
-                 hq // hkv, scale)
+                 hq // hkv, scale, seq_bucket(nq, nk))
     dkdv_consts = dict(HEAD_DIM=d, CAUSAL=causal)
     if deterministic:
         fixed = _fixed_config("dkdv", d)
-        dkdv_kernel[(triton.cdiv(nk, fixed["BLOCK_N"]), batch * hkv)](
+        dkdv_kernel[(batch * hkv, triton.cdiv(nk, fixed["BLOCK_N"]))](
             *dkdv_args, **dkdv_consts, **fixed)
     else:
-        dkdv_kernel_tuned[lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), batch * hkv)](
+        dkdv_kernel_tuned[lambda meta: (batch * hkv, triton.cdiv(nk, meta["BLOCK_N"]))](
             *dkdv_args, **dkdv_consts)
 
     dq = _new(q.shape, q.dtype, q.device)
@@ -145,7 +145,8 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
                torch.zeros((slots, *t.shape), dtype=torch.float32, device=q.device)
                for t in weights]
     dq_args = (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse, do_attn,
-               dq, *buffers, *strides, batch, nq, nk, hq, hq // hkv, scale, gate_scale)
+               dq, *buffers, *strides, batch, nq, nk, hq, hq // hkv, scale, gate_scale,
+               seq_bucket(nq, nk))
     if deterministic:
         dq_kernel[(slots, hq)](*dq_args, **consts, DETERMINISTIC=True, **fixed)
     else:

@@ -33,8 +33,8 @@ from .triton_fwd import gate_hidden_tile
 @triton.jit
 def preprocess_kernel(DO, ATTN, DO_ATTN, stride_ob, stride_on, stride_oh, stride_od, NQ, HQ,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     b = bh // HQ
     h = bh % HQ
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -109,11 +109,12 @@ def _dkdv(Q, K, V, COS, SIN, DO, GATE, LSE, DO_ATTN, DK, DV,
           stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
           stride_ob, stride_on, stride_oh, stride_od,
           NQ, NK, HQ, GROUP, scale,
+          SEQ_BUCKET,  # autotuning key only (triton_common.seq_bucket)
           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
           HAS_ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1).to(tl.int64)
+    bkv = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
     hkv = HQ // GROUP
     b = bkv // hkv
     kvh = bkv % hkv
@@ -260,6 +261,7 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DO_
         stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
         stride_ob, stride_on, stride_oh, stride_od,
         BATCH, NQ, NK, HQ, GROUP, scale, gate_scale,
+        SEQ_BUCKET,  # autotuning key only (triton_common.seq_bucket)
         HEAD_DIM: tl.constexpr, MEM_HIDDEN: tl.constexpr, GATE_HIDDEN: tl.constexpr,
         CAUSAL: tl.constexpr, DETERMINISTIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -375,9 +377,9 @@ dkdv_kernel = triton.heuristics(ATTENTION_HEURISTICS)(triton.jit(_dkdv))
 dq_kernel = triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS,
                                "HAS_DGATE": lambda a: a["DGATE"] is not None})(triton.jit(_dq))
 dkdv_kernel_tuned = triton.autotune(
-    configs=configs("dkdv"), key=["NQ", "NK", "HEAD_DIM", "CAUSAL"],
+    configs=configs("dkdv"), key=["SEQ_BUCKET", "HEAD_DIM", "CAUSAL"],
     prune_configs_by={"early_config_prune": prune_by_head_dim})(dkdv_kernel)
 dq_kernel_tuned = triton.autotune(
-    configs=configs("dq"), key=["NQ", "NK", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"],
+    configs=configs("dq"), key=["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"],
     prune_configs_by={"early_config_prune": prune_by_head_dim},
     reset_to_zero=_GRADIENT_BUFFERS)(dq_kernel)

@@ -90,6 +90,12 @@ def configs(kind):
     return out
 
 
+def seq_bucket(nq, nk):
+    """The autotuning key of the sequence lengths: their bit lengths, so decoding with a
+    growing cache or ragged batches retune once per power of two, not once per length."""
+    return nq.bit_length() * 64 + nk.bit_length()
+
+
 def prune_by_head_dim(configs, named_args, **kwargs):
     """Drop the tiles that cannot fit registers/shared memory at large head dims.  The
     autotuner passes positional arguments as named_args and keywords (HEAD_DIM) as kwargs."""

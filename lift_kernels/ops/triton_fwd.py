@@ -101,7 +101,7 @@ def _attn_fwd_blocks(acc, m_i, l_i, q_rot, Kh, Vh, offs_m, offs_d, lo, hi, NQ, N
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=configs("fwd"), key=["NQ", "NK", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"],
+@triton.autotune(configs=configs("fwd"), key=["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"],
                  prune_configs_by={"early_config_prune": prune_by_head_dim})
 @triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS})
 @triton.jit
@@ -113,6 +113,7 @@ def gated_attention_fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
     NQ, NK, HQ, GROUP, scale, gate_scale, gate_shift,
+    SEQ_BUCKET,  # autotuning key only (triton_common.seq_bucket)
     HEAD_DIM: tl.constexpr, MEM_HIDDEN: tl.constexpr, GATE_HIDDEN: tl.constexpr,
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -120,8 +121,9 @@ def gated_attention_fwd_kernel(
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_C1: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    # (batch x head) on grid axis 0, which has no 65535 limit; blocks on axis 1.
+    bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     b = bh // HQ
     h = bh % HQ
     kvh = h // GROUP
