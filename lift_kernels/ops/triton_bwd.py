@@ -51,26 +51,29 @@ def preprocess_kernel(DO, ATTN, DO_ATTN, stride_ob, stride_on, stride_oh, stride
 
 
 @triton.jit
-def _query_side(Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_m, offs_d, NQ, HQ,
+def _query_side(Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, start_m, offs_d, NQ, HQ,
                 stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
                 stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
-                HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """Everything the backward reads about a query tile of (b, h): the pre-RoPE and rotated
-    query, dO, the gate, lse in base 2 (+inf for rows that see no key or lie past NQ, so
-    their probabilities are 0) and delta.  Rows past NQ load as zeros."""
-    rows = offs_m.to(tl.int64)
-    m_ok = offs_m < NQ
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Everything the backward reads about the query tile [start_m, start_m + BLOCK_M) of
+    (b, h): the pre-RoPE and rotated query, dO, the gate, lse in base 2 (+inf for rows that
+    see no key or lie past NQ, so their probabilities are 0) and delta.  Rows past NQ load
+    as zeros.  The tile start is an int64 scalar, offsets inside the tile int32."""
+    rows = tl.arange(0, BLOCK_M)
+    start = tl.cast(start_m, tl.int64)
+    m_ok = start_m + rows < NQ
     mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b, rows, offs_d, mask,
+    q, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b, start, offs_d, mask,
                           stride_qn, stride_qd, stride_cb, stride_cn, stride_cd, stride_sb,
-                          stride_sn, stride_sd, HEAD_DIM, HAS_ROPE)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
-                 + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(GATE + (b * NQ + rows) * HQ + h, mask=m_ok, other=0.0)
-    lse = tl.load(LSE + (b * HQ + h) * NQ + rows, mask=m_ok, other=float("inf"))
+                          stride_sn, stride_sd, BLOCK_M, HEAD_DIM, HAS_ROPE)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + start * stride_on
+                 + rows[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask,
+                 other=0.0).to(tl.float32)
+    gate = tl.load(GATE + ((b * NQ + start) * HQ + h) + rows * HQ, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + ((b * HQ + h) * NQ + start) + rows, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    delta = (1.0 - gate) * tl.load(DO_ATTN + (b * HQ + h) * NQ + rows, mask=m_ok, other=0.0)
-    return q, q_rot, do, gate, lse, delta
+    do_attn = tl.load(DO_ATTN + ((b * HQ + h) * NQ + start) + rows, mask=m_ok, other=0.0)
+    return q, q_rot, do, gate, lse, (1.0 - gate) * do_attn
 
 
 @triton.jit
@@ -86,10 +89,10 @@ def _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_n
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, q_rot, do, gate, lse, delta = _query_side(
-            Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_m, offs_d, NQ, HQ,
+            Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, start_m, offs_d, NQ, HQ,
             stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
             stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
-            HEAD_DIM, HAS_ROPE)
+            BLOCK_M, HEAD_DIM, HAS_ROPE)
         d_attn = (1.0 - gate)[:, None] * do
         s_t = tl.dot(k.to(DOT_DTYPE), tl.trans(q_rot).to(DOT_DTYPE), input_precision=PRECISION)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
@@ -178,15 +181,17 @@ def _dq_attention_blocks(dq, q_rot, d_attn, lse, delta, Kh, Vh, offs_m, offs_d, 
     """dq_rot += (p * (dA v^T - delta)) k over key blocks [lo, hi), without the scale."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        keys = offs_n.to(tl.int64)
+        keys = tl.arange(0, BLOCK_N)  # int32 offsets inside the block, int64 block start
+        offs_n = start_n + keys
+        Kb = Kh + tl.cast(start_n, tl.int64) * stride_kn
+        Vb = Vh + tl.cast(start_n, tl.int64) * stride_vn
         if MASKED:
             n_ok = offs_n < NK
         else:
             n_ok = offs_n >= 0
-        kt = tl.load(Kh + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kt = tl.load(Kb + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(Vh + keys[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+        vt = tl.load(Vb + keys[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q_rot.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])
@@ -292,10 +297,10 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DO_
         tile_ok = m_ok[:, None] & d_ok[None, :]
         # Attention part, in the rotated frame; only what the key loop needs stays live.
         _, q_rot, do, gate, lse, delta = _query_side(
-            Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_m, offs_d, NQ, HQ,
+            Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, start_m, offs_d, NQ, HQ,
             stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
             stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
-            HEAD_DIM, HAS_ROPE)
+            BLOCK_M, HEAD_DIM, HAS_ROPE)
         q_rot = q_rot.to(DOT_DTYPE)
         d_attn = ((1.0 - gate)[:, None] * do).to(DOT_DTYPE)
         Kh = K + b * stride_kb + kvh * stride_kh

@@ -119,12 +119,14 @@ def rope_partner(offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def load_query(Q, COS, SIN, b, rows, offs_d, mask, stride_qn, stride_qd, stride_cb, stride_cn,
-               stride_cd, stride_sb, stride_sn, stride_sd, HEAD_DIM: tl.constexpr,
-               HAS_ROPE: tl.constexpr):
-    """The pre-RoPE query tile and its rotation, both float32 [BLOCK_M, BLOCK_D].
-    Q points at this (batch, head)'s row 0, COS/SIN (None without RoPE) at their start;
-    b and rows are int64."""
+def load_query(Q, COS, SIN, b, start, offs_d, mask, stride_qn, stride_qd, stride_cb, stride_cn,
+               stride_cd, stride_sb, stride_sn, stride_sd, BLOCK_M: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """The pre-RoPE query tile of rows [start, start + BLOCK_M) and its rotation, both float32
+    [BLOCK_M, BLOCK_D].  Q points at this (batch, head)'s row 0, COS/SIN (None without RoPE)
+    at their start; b and start are int64 scalars, offsets inside the tile int32."""
+    rows = tl.arange(0, BLOCK_M)
+    Q = Q + start * stride_qn
     q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask,
                 other=0.0).to(tl.float32)
     if HAS_ROPE:
@@ -135,9 +137,9 @@ def load_query(Q, COS, SIN, b, rows, offs_d, mask, stride_qn, stride_qd, stride_
         sign = tl.where(offs_d < half, -1.0, 1.0)
         q_partner = tl.load(Q + rows[:, None] * stride_qn + partner[None, :] * stride_qd,
                             mask=mask, other=0.0).to(tl.float32)
-        cos = tl.load(COS + b * stride_cb + rows[:, None] * stride_cn + offs_d[None, :] * stride_cd, mask=mask,
+        cos = tl.load(COS + b * stride_cb + start * stride_cn + rows[:, None] * stride_cn + offs_d[None, :] * stride_cd, mask=mask,
                       other=0.0)
-        sin = tl.load(SIN + b * stride_sb + rows[:, None] * stride_sn + offs_d[None, :] * stride_sd, mask=mask,
+        sin = tl.load(SIN + b * stride_sb + start * stride_sn + rows[:, None] * stride_sn + offs_d[None, :] * stride_sd, mask=mask,
                       other=0.0)
         q_rot = q * cos + sign[None, :] * q_partner * sin
     else:

@@ -74,13 +74,15 @@ def _attn_fwd_blocks(acc, m_i, l_i, q_rot, Kh, Vh, offs_m, offs_d, lo, hi, NQ, N
     key-range masks; a row whose keys are all masked keeps m = -inf and l = 0."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        keys = offs_n.to(tl.int64)
+        keys = tl.arange(0, BLOCK_N)  # int32 offsets inside the block, int64 block start
+        offs_n = start_n + keys
+        Kb = Kh + tl.cast(start_n, tl.int64) * stride_kn
+        Vb = Vh + tl.cast(start_n, tl.int64) * stride_vn
         if MASKED:
             n_ok = offs_n < NK
         else:
             n_ok = offs_n >= 0
-        kt = tl.load(Kh + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kt = tl.load(Kb + keys[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q_rot.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=PRECISION) * qk_scale
         if MASKED:
@@ -94,7 +96,7 @@ def _attn_fwd_blocks(acc, m_i, l_i, q_rot, Kh, Vh, offs_m, offs_d, lo, hi, NQ, N
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(Vh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = tl.load(Vb + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -135,9 +137,10 @@ def gated_attention_fwd_kernel(
     tile_ok = m_ok[:, None] & d_ok[None, :]
 
     # Attention first: only the rotated query tile stays live through the key loop.
-    _, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b, rows, offs_d, tile_ok,
-                          stride_qn, stride_qd, stride_cb, stride_cn, stride_cd, stride_sb,
-                          stride_sn, stride_sd, HEAD_DIM, HAS_ROPE)
+    _, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b,
+                          tl.cast(start_m, tl.int64), offs_d, tile_ok, stride_qn, stride_qd,
+                          stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
+                          BLOCK_M, HEAD_DIM, HAS_ROPE)
     q_dot = q_rot.to(Q.dtype.element_ty)
     Kh = K + b * stride_kb + kvh * stride_kh
     Vh = V + b * stride_vb + kvh * stride_vh
