@@ -190,7 +190,7 @@ def unsupported_reason(name: str, problem: Problem) -> str | None:
 def auto_order(problem: Problem) -> tuple[str, ...]:
     """The rule behind backend="auto" (the README states it and bench/ justifies it)."""
     if problem.device.type == "cuda":
-        return ("cuda", "triton", "torch")
+        return ("triton", "cuda", "torch")
     if problem.device.type == "cpu":
         return ("cpu", "torch")
     return ("torch",)

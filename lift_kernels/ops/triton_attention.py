@@ -1,0 +1,158 @@
+"""The `triton` fused backend: allocation, launch grids and the fused backend contract of
+function.py (unsupported_reason, forward, backward).  The kernels are in triton_fwd.py and
+triton_bwd.py, their shared tile math and tuning configurations in triton_common.py.
+
+Shapes: q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] (any strides); w1 [Hq, D, M], b1 [Hq, M],
+w2 [Hq, M, D], b2 [Hq, D], g1 [Hq, D, R], c1 [Hq, R], g2 [Hq, R]; cos/sin [B, Nq, D] float32
+(the batch stride may be 0) or None.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+except ImportError:  # the backend then reports itself unavailable
+    triton = None
+
+if triton is not None:
+    from .triton_bwd import (
+        dkdv_kernel, dkdv_kernel_tuned, dq_kernel, dq_kernel_tuned, preprocess_kernel)
+    from .triton_common import INTERPRETED, configs, prune_by_head_dim, seq_bucket
+    from .triton_fwd import gated_attention_fwd_kernel
+
+
+def unsupported_reason(name, problem):
+    """None when the Triton kernels can serve `problem` (a dispatch.Problem), else why not."""
+    if triton is None:
+        return "triton is not installed"
+    device = problem.device.type
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1" or not INTERPRETED:
+            return ("CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1 "
+                    "before triton is first imported")
+    elif device != "cuda":
+        return f"triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not {device}"
+    if problem.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"triton kernels take float16, bfloat16 or float32, not {problem.dtype}"
+    if problem.head_dim > 256:
+        return f"head dim {problem.head_dim} > 256 does not fit the Triton tiles"
+    return None
+
+
+def _rope_strides(t):
+    return (0, 0, 0) if t is None else t.stride()
+
+
+def _launch_args(q, k, v, cos, sin):
+    """The strides and sizes every kernel takes, in kernel argument order."""
+    return (*q.stride(), *k.stride(), *v.stride(), *_rope_strides(cos), *_rope_strides(sin))
+
+
+def _constants(q, w1, g1, causal):
+    return dict(HEAD_DIM=q.shape[3], MEM_HIDDEN=w1.shape[2], GATE_HIDDEN=g1.shape[2],
+                CAUSAL=causal)
+
+
+def _new(shape, dtype, device):
+    """Every buffer a kernel must fully write (tests poison it through this one place)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
+            gate_shift):
+    """-> (out [B, Nq, Hq, D] q's dtype, gate [B, Nq, Hq] float32, lse [B, Hq, Nq] float32,
+    attn [B, Nq, Hq, D] q's dtype)."""
+    batch, nq, hq, _ = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    w1, b1, w2, b2, g1, c1, g2 = _contiguous(w1, b1, w2, b2, g1, c1, g2)
+    out = _new(q.shape, q.dtype, q.device)
+    attn = _new(q.shape, q.dtype, q.device)
+    gate = _new((batch, nq, hq), torch.float32, q.device)
+    lse = _new((batch, hq, nq), torch.float32, q.device)
+
+    def grid(meta):
+        return (batch * hq, triton.cdiv(nq, meta["BLOCK_M"]))
+
+    gated_attention_fwd_kernel[grid](
+        q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, out, attn, gate, lse,
+        *_launch_args(q, k, v, cos, sin), nq, nk, hq, hq // hkv, scale, gate_scale, gate_shift,
+        seq_bucket(nq, nk), **_constants(q, w1, g1, causal))
+    return out, gate, lse, attn
+
+
+def _fixed_config(kind, head_dim):
+    """The configuration deterministic mode uses: the first one autotuning would try."""
+    config = prune_by_head_dim(configs(kind), {}, HEAD_DIM=head_dim)[0]
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _deterministic_slots(device, tiles, hq):
+    """How many programs per head walk the query tiles in deterministic mode: enough to fill
+    the GPU about twice; two on the interpreter (so programs walk several tiles)."""
+    if device.type != "cuda":
+        return min(tiles, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, triton.cdiv(2 * sms, hq)))
+
+
+def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn,
+             causal, scale, gate_scale, gate_shift, deterministic):
+    """-> (dq, dk, dv, dw1, db1, dw2, db2, dg1, dc1, dg2), each in its input's dtype and shape,
+    None for an absent bias.  dout [B, Nq, Hq, D]; dgate [B, Nq, Hq] or None."""
+    batch, nq, hq, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    weights = _contiguous(w1, b1, w2, b2, g1, c1, g2)
+    w1, b1, w2, b2, g1, c1, g2 = weights
+    if dgate is not None:
+        dgate = dgate.contiguous()
+    consts = _constants(q, w1, g1, causal)
+    strides = (*_launch_args(q, k, v, cos, sin), *dout.stride())
+
+    do_attn = _new(lse.shape, torch.float32, q.device)  # rowsum(dout * attn) [B, Hq, Nq]
+    pre_block = 16 if INTERPRETED else 64
+    preprocess_kernel[(batch * hq, triton.cdiv(nq, pre_block))](
+        dout, attn, do_attn, *dout.stride(), nq, hq, HEAD_DIM=d, BLOCK_M=pre_block)
+
+    dk = _new(k.shape, k.dtype, k.device)
+    dv = _new(v.shape, v.dtype, v.device)
+    dkdv_args = (q, k, v, cos, sin, dout, gate, lse, do_attn, dk, dv, *strides, nq, nk, hq,
+                 hq // hkv, scale, seq_bucket(nq, nk))
+    dkdv_consts = dict(HEAD_DIM=d, CAUSAL=causal)
+    if deterministic:
+        fixed = _fixed_config("dkdv", d)
+        dkdv_kernel[(batch * hkv, triton.cdiv(nk, fixed["BLOCK_N"]))](
+            *dkdv_args, **dkdv_consts, **fixed)
+    else:
+        dkdv_kernel_tuned[lambda meta: (batch * hkv, triton.cdiv(nk, meta["BLOCK_N"]))](
+            *dkdv_args, **dkdv_consts)
+
+    dq = _new(q.shape, q.dtype, q.device)
+    if deterministic:
+        fixed = _fixed_config("dq", d)
+        slots = _deterministic_slots(q.device, batch * triton.cdiv(nq, fixed["BLOCK_M"]), hq)
+    else:
+        slots = 1
+    # fp32 weight-gradient buffers [slots, *weight shape]; an absent bias gets None.
+    buffers = [None if t is None else
+               torch.zeros((slots, *t.shape), dtype=torch.float32, device=q.device)
+               for t in weights]
+    dq_args = (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse, do_attn,
+               dq, *buffers, *strides, batch, nq, nk, hq, hq // hkv, scale, gate_scale,
+               seq_bucket(nq, nk))
+    if deterministic:
+        dq_kernel[(slots, hq)](*dq_args, **consts, DETERMINISTIC=True, **fixed)
+    else:
+        dq_kernel_tuned[lambda meta: (batch * triton.cdiv(nq, meta["BLOCK_M"]), hq)](
+            *dq_args, **consts, DETERMINISTIC=False)
+    # A fixed-order sum over the slots (one slot outside deterministic mode).
+    dweights = [None if buf is None else buf.sum(0).to(t.dtype)
+                for buf, t in zip(buffers, weights)]
+    return (dq, dk, dv, *dweights)
