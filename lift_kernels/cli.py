@@ -203,7 +203,7 @@ def cmd_ask(args, say) -> int:
 
     metadata = read_metadata(args.memory)  # fail on a bad file before loading a model
     document = read_document(args.document) if args.document else None
-    recorded = json.loads(metadata["lift_config"])
+    recorded = json.loads(metadata["lift.config"])
     config = LiftConfig.from_dict({**recorded, **{k: v for k, v in {
         "answer_context_tokens": args.context_tokens, "max_new_tokens": args.max_new_tokens,
         "backend": args.backend, "dtype": args.dtype}.items() if v is not None}})

@@ -11,7 +11,7 @@ WORDS = ("the a of and to in is was it that on for with as by at from his her th
          "city vault code river king queen north south east west old new red blue green "
          "gold silver stone tower bridge garden ship storm winter summer night morning "
          "seven three nine four eight one two five six zero what which who where is are "
-         "question answer").split()
+         "question answer user assistant").split()
 
 
 def make_tokenizer(chat: bool = False):
@@ -31,9 +31,9 @@ def make_tokenizer(chat: bool = False):
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
                                   bos_token="[BOS]", eos_token="[EOS]")
     if chat:
-        tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . "
-                             "{% if m['role'] == 'assistant' %}[EOS]{% endif %}{% endfor %}"
-                             "{% if add_generation_prompt %}assistant : {% endif %}")
+        tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
+                             "{% if m['role'] == 'assistant' %} [EOS] {% else %} . {% endif %}"
+                             "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
     return tok
 
 

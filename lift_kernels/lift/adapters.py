@@ -17,7 +17,9 @@ import torch
 from .config import LiftConfig
 from .errors import MemoryFileError, UnsupportedModelError
 
-FORMAT = "lift-kernels-memory/1"
+# The HF integration's file format (lift_kernels/hf/io.py); LoRA files share it, and the
+# pipeline's own keys carry a "lift." prefix.
+FORMAT, FORMAT_VERSION = "lift-kernels-memory", "1"
 
 
 def model_fingerprint(model) -> str:
@@ -36,6 +38,7 @@ def model_fingerprint(model) -> str:
 
 def _hf():
     import lift_kernels
+    import lift_kernels.hf  # noqa: F401  (FAMILIES)
 
     needed = ("replace_attention", "freeze_base_model", "memory_parameters", "save_memory",
               "load_memory")
@@ -53,16 +56,17 @@ def attach(model, config: LiftConfig):
     16-bit base).  Seed torch before calling: the adapter's initialisation draws from it."""
     if config.adapter == "gated-memory":
         hf = _hf()
-        try:
-            model = hf.replace_attention(model, config=config.memory, backend=config.backend)
-        except (NotImplementedError, ValueError, TypeError) as e:
-            if _is_unsupported_family(e):
-                raise UnsupportedModelError(str(e)) from e
-            raise
+        model_type = _model_type(model)
+        if model_type not in hf.hf.FAMILIES:
+            raise UnsupportedModelError(
+                f"the gated-memory adapter does not support model_type {model_type!r}; "
+                f"supported families: {', '.join(sorted(hf.hf.FAMILIES))} (--adapter lora "
+                "works with any model PEFT supports)")
+        model = hf.replace_attention(model, config=config.memory, backend=config.backend)
         hf.freeze_base_model(model)
         params = list(hf.memory_parameters(model))
     else:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -73,15 +77,6 @@ def attach(model, config: LiftConfig):
         for p in params:
             p.data = p.data.float()
     return model, params
-
-
-def _is_unsupported_family(error: Exception) -> bool:
-    import lift_kernels
-
-    kind = getattr(getattr(lift_kernels, "hf", None), "UnsupportedModelError", None)
-    if kind is not None:
-        return isinstance(error, kind)
-    return "famil" in str(error).lower() or "support" in str(error).lower()
 
 
 def _lora_config(rank: int, alpha: int, targets):
@@ -98,9 +93,9 @@ def adapter_metadata(config: LiftConfig, fingerprint: str, model_type: str) -> d
     else:
         settings = {"rank": config.lora_rank, "alpha": config.lora_alpha,
                     "targets": config.lora_targets}
-    return {"format": FORMAT, "adapter": config.adapter, "adapter_config": json.dumps(settings),
-            "base_fingerprint": fingerprint, "model_type": str(model_type),
-            "lift_config": config.to_json()}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_type": str(model_type),
+            "lift.adapter": config.adapter, "lift.adapter_config": json.dumps(settings),
+            "lift.base_fingerprint": fingerprint, "lift.config": config.to_json()}
 
 
 def save(model, path, config: LiftConfig, fingerprint: str) -> None:
@@ -134,9 +129,9 @@ def read_metadata(path) -> dict:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         raise MemoryFileError(f"memory file {str(path)!r} is not a safetensors file: {e}") from None
-    if metadata.get("format") != FORMAT:
-        raise MemoryFileError(f"{str(path)!r} is a safetensors file but not a lift-kernels "
-                              f"memory file (format {metadata.get('format')!r}, want {FORMAT!r})")
+    if metadata.get("format") != FORMAT or "lift.adapter" not in metadata:
+        raise MemoryFileError(f"{str(path)!r} is a safetensors file but not a memory file "
+                              f"written by lift-kernels absorb (format {metadata.get('format')!r})")
     return metadata
 
 
@@ -146,32 +141,38 @@ def load(model, path, backend: str = "auto"):
     base model (fingerprint mismatch) or does not fit it."""
     metadata = read_metadata(path)
     fingerprint = model_fingerprint(model)
-    if metadata["base_fingerprint"] != fingerprint:
+    if metadata["lift.base_fingerprint"] != fingerprint:
         raise MemoryFileError(
             f"memory file {str(path)!r} was made for another base model (model_type "
-            f"{metadata.get('model_type')!r}, fingerprint {metadata['base_fingerprint']}); this "
-            f"model is {_model_type(model)!r} with fingerprint {fingerprint}")
-    settings = json.loads(metadata["adapter_config"])
-    config = LiftConfig.from_dict({**json.loads(metadata["lift_config"]), "backend": backend})
+            f"{metadata.get('model_type')!r}, fingerprint {metadata['lift.base_fingerprint']}); "
+            f"this model is {_model_type(model)!r} with fingerprint {fingerprint}")
     try:
-        if metadata["adapter"] == "gated-memory":
-            model, _ = attach(model, config)
-            _hf().load_memory(model, path)
+        if metadata["lift.adapter"] == "gated-memory":
+            model = _hf().load_memory(model, path, backend)
         else:
-            from peft import get_peft_model, set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            model = get_peft_model(model, _lora_config(settings["rank"], settings["alpha"],
-                                                       settings["targets"]))
-            result = set_peft_model_state_dict(model, load_file(str(path)))
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise MemoryFileError(f"memory file {str(path)!r} has LoRA weights this model "
-                                      f"has no place for: {unexpected[:3]}")
-    except (RuntimeError, KeyError) as e:  # shape or name mismatches from load_state_dict
+            model = _load_lora(model, path, json.loads(metadata["lift.adapter_config"]))
+    except (ValueError, RuntimeError, KeyError) as e:  # names/shapes that do not fit
         raise MemoryFileError(f"memory file {str(path)!r} does not fit this model: {e}") from e
     model.eval()
     return model, metadata
+
+
+def _load_lora(model, path, settings: dict):
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, _lora_config(settings["rank"], settings["alpha"],
+                                               settings["targets"]))
+    tensors = load_file(str(path))
+    expected = set(get_peft_model_state_dict(model))
+    if set(tensors) != expected:
+        raise MemoryFileError(
+            f"memory file {str(path)!r} does not match this model's LoRA layers: missing "
+            f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}")
+    set_peft_model_state_dict(model, tensors)
+    return model
 
 
 def _model_type(model) -> str:

@@ -82,11 +82,10 @@ def generation_prompt(tokenizer, passage: str) -> list[int]:
 def parse_generated(text: str) -> QAPair | None:
     """A (question, answer) from a 'Question: ... Answer: ...' completion, or None.  The
     leading 'Question:' may be missing (the prompt may have ended with it)."""
-    body = text.split("Question:", 1)[1] if "Question:" in text else text
-    if "Answer:" not in body:
+    if "Answer:" not in text:
         return None
-    question, answer = body.split("Answer:", 1)
-    question = question.strip()
+    question, answer = text.split("Answer:", 1)
+    question = question.rsplit("Question:", 1)[-1].strip()
     answer = answer.strip().split("\n", 1)[0].strip()
     if not question or not answer:
         return None
