@@ -99,9 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=None, help="(default 64)")
     ask.add_argument("--json", action="store_true", help="print the answer as JSON")
 
-    bench = sub.add_parser("bench", help="kernel benchmarks (lift_kernels.benchmark)",
-                           add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    # Every option after `bench` belongs to the benchmark's own parser (main passes them on).
+    sub.add_parser("bench", help="kernel benchmarks (lift_kernels.benchmark)", add_help=False)
     return parser
 
 
@@ -212,7 +211,7 @@ def cmd_ask(args, say) -> int:
     text = answer(model, tokenizer, args.question, document, config)
     if args.json:
         print(json.dumps({"question": args.question, "answer": text, "memory": args.memory,
-                          "adapter": metadata["adapter"], "model": args.model,
+                          "adapter": metadata["lift.adapter"], "model": args.model,
                           "with_document": document is not None}))
     else:
         print(text)
@@ -248,7 +247,12 @@ class _Say:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     say = _Say(args.command)
     commands = {"absorb": cmd_absorb, "ask": cmd_ask, "bench": cmd_bench, "demo": cmd_demo}
     try:
@@ -261,6 +265,8 @@ def main(argv=None) -> int:
             if isinstance(e, kind):
                 say(str(e))
                 return EXIT_CODES[name]
+        if say.rank and say.rank[1] > 1:  # name the rank before torchrun's summary
+            say(f"this rank failed: {type(e).__name__}: {e}")
         raise
 
 
