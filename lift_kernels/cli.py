@@ -161,6 +161,11 @@ def cmd_absorb(args, say) -> int:
     document = read_document(args.document)
     ctx = init_distributed(config.dist_timeout_s, _device(args))
     say.rank = (ctx.rank, ctx.world_size)
+    if not ctx.is_main:  # rank 0 logs; the others print only their errors
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     try:
         model, tokenizer = load_model(args.model, ctx.device, config.dtype)
         result = absorb(model, tokenizer, document, qa=args.qa, config=config,
