@@ -170,6 +170,40 @@ def _unpatch(module):
     del module.forward, module.gated_memory, module.lift_patch
 
 
+def _embeds_require_grad(decoder, args, kwargs):
+    """Forward pre-hook on the decoder stack (the module holding embed_tokens and layers).
+
+    Reentrant activation checkpointing gives a checkpointed layer's parameters (the memory's
+    included) no gradient when none of the layer's inputs requires grad, which is the case
+    for a frozen base fed `inputs_embeds` that do not require grad.  Then the embeddings
+    are handed on as a leaf that requires grad.  (For input_ids, transformers'
+    activation_checkpointing_enable already makes the embedding output require grad.)"""
+    embeds = kwargs.get("inputs_embeds")
+    if (embeds is not None and not embeds.requires_grad and torch.is_grad_enabled()
+            and decoder.training and getattr(decoder, "gradient_checkpointing", False)):
+        kwargs["inputs_embeds"] = embeds.detach().requires_grad_()
+        return args, kwargs
+    return None
+
+
+def _decoders(model):
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "layers", None), torch.nn.ModuleList)
+            and hasattr(m, "embed_tokens")]
+
+
+def _set_embeds_hook(model, on: bool):
+    for decoder in _decoders(model):
+        hooks = decoder._forward_pre_hooks
+        mine = [k for k, fn in hooks.items() if fn is _embeds_require_grad]
+        if on and not mine:
+            decoder.register_forward_pre_hook(_embeds_require_grad, with_kwargs=True)
+        elif not on:
+            for k in mine:
+                del hooks[k]
+                decoder._forward_pre_hooks_with_kwargs.pop(k, None)
+
+
 def replace_attention(model, config: GatedMemoryConfig | None = None, backend: str = "auto",
                       layers=None):
     """Give every decoder layer's attention (or those in `layers`) a Gated Memory.
@@ -223,6 +257,7 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
             module.gated_memory = _new_memory(module, resolved)
             module.lift_patch = LiftPatch(adapter, backend, resolved)
             module.forward = types.MethodType(gated_attention_forward, module)
+    _set_embeds_hook(model, bool(patched_modules(model)))
     return model
 
 
@@ -231,6 +266,7 @@ def restore_attention(model):
     its memory (save it first with save_memory if needed).  Returns `model`."""
     for module in patched_modules(model).values():
         _unpatch(module)
+    _set_embeds_hook(model, False)
     return model
 
 
@@ -242,14 +278,11 @@ def memory_parameters(model):
 
 def freeze_base_model(model):
     """Only the memory and gate parameters keep requires_grad (everything else, LoRA
-    included, is frozen).  Also makes the input embeddings' output require grad, so that
-    reentrant activation checkpointing (which only back-propagates into checkpointed layers
-    whose inputs require grad) still reaches the memory.  Returns `model`."""
+    included, is frozen).  Returns `model`.  Activation checkpointing, reentrant or not,
+    still reaches the memory (see _embeds_require_grad)."""
     memory = set(map(id, memory_parameters(model)))
     for p in model.parameters():
         p.requires_grad_(id(p) in memory)
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
     return model
 
 
