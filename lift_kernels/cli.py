@@ -152,6 +152,7 @@ def _default_device() -> str:
 
 def cmd_absorb(args, say) -> int:
     from .lift import absorb, init_distributed, load_model, read_document
+    from .lift.pipeline import resolve_dtype
     from .lift.distributed import barrier, shutdown
 
     config = _lift_config(args)
@@ -167,7 +168,10 @@ def cmd_absorb(args, say) -> int:
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     try:
-        model, tokenizer = load_model(args.model, ctx.device, config.dtype)
+        # Under FSDP each rank loads on the CPU and moves only its shard to its device.
+        load_on = "cpu" if config.fsdp and ctx.distributed else ctx.device
+        model, tokenizer = load_model(args.model, load_on,
+                                      resolve_dtype(config.dtype, ctx.device))
         result = absorb(model, tokenizer, document, qa=args.qa, config=config,
                         progress=not (args.quiet or args.json), ctx=ctx)
         if ctx.is_main:
@@ -207,7 +211,7 @@ def cmd_ask(args, say) -> int:
 
     metadata = read_metadata(args.memory)  # fail on a bad file before loading a model
     document = read_document(args.document) if args.document else None
-    recorded = json.loads(metadata["lift.config"])
+    recorded = json.loads(metadata.get("lift.config", "{}"))
     config = LiftConfig.from_dict({**recorded, **{k: v for k, v in {
         "answer_context_tokens": args.context_tokens, "max_new_tokens": args.max_new_tokens,
         "backend": args.backend, "dtype": args.dtype}.items() if v is not None}})

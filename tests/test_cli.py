@@ -135,7 +135,7 @@ def test_memory_file_errors(workdir, tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     _error(capsys, ask(tmp_path / "junk.safetensors"), "memory", "not a safetensors file")
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    _error(capsys, ask(tmp_path / "other.safetensors"), "memory", "not a memory file")
+    _error(capsys, ask(tmp_path / "other.safetensors"), "memory", "not a lift-kernels memory")
     save_checkpoint(tmp_path / "other_model", seed=7)
     _error(capsys, ask(workdir / "memory.safetensors", tmp_path / "other_model"), "memory",
            "made for another base model")

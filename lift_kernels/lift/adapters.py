@@ -129,9 +129,12 @@ def read_metadata(path) -> dict:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         raise MemoryFileError(f"memory file {str(path)!r} is not a safetensors file: {e}") from None
-    if metadata.get("format") != FORMAT or "lift.adapter" not in metadata:
-        raise MemoryFileError(f"{str(path)!r} is a safetensors file but not a memory file "
-                              f"written by lift-kernels absorb (format {metadata.get('format')!r})")
+    if metadata.get("format") != FORMAT:
+        raise MemoryFileError(f"{str(path)!r} is a safetensors file but not a lift-kernels "
+                              f"memory file (format {metadata.get('format')!r})")
+    # A file from lift_kernels.save_memory alone (e.g. after HF Trainer) is Gated Memory
+    # without the pipeline's keys: no fingerprint to check, the default recipe for asking.
+    metadata.setdefault("lift.adapter", "gated-memory")
     return metadata
 
 
@@ -141,7 +144,7 @@ def load(model, path, backend: str = "auto"):
     base model (fingerprint mismatch) or does not fit it."""
     metadata = read_metadata(path)
     fingerprint = model_fingerprint(model)
-    if metadata["lift.base_fingerprint"] != fingerprint:
+    if metadata.get("lift.base_fingerprint", fingerprint) != fingerprint:
         raise MemoryFileError(
             f"memory file {str(path)!r} was made for another base model (model_type "
             f"{metadata.get('model_type')!r}, fingerprint {metadata['lift.base_fingerprint']}); "

@@ -165,7 +165,9 @@ def _comm_device(ctx: DistContext) -> torch.device:
 def shard_base_model(model: torch.nn.Module, trained: list[torch.Tensor], ctx: DistContext) -> None:
     """FSDP2: shard the frozen base over the ranks, one unit per decoder layer (the classes
     the model lists in _no_split_modules) plus the root; the trained parameters are left out
-    (replicated and reduced by all_reduce_grads)."""
+    (replicated and reduced by all_reduce_grads).  fully_shard moves each rank's shards to
+    ctx.device; the trained parameters and any buffer left behind follow here, so a model
+    loaded on the CPU never exists whole on one accelerator."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -179,3 +181,10 @@ def shard_base_model(model: torch.nn.Module, trained: list[torch.Tensor], ctx: D
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
+    with torch.no_grad():
+        for p in trained:
+            p.data = p.data.to(ctx.device)  # in place: the Parameter objects stay the same
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device != ctx.device:
+                    setattr(module, name, buffer.to(ctx.device))

@@ -44,16 +44,19 @@ class AbsorbResult:
         adapters.save(self.model, path, self.config, self.fingerprint)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """LiftConfig.dtype: 'auto' = bfloat16 on GPU, float32 on CPU."""
+def resolve_dtype(name, device) -> torch.dtype:
+    """LiftConfig.dtype: 'auto' = bfloat16 on GPU, float32 on CPU (a torch.dtype passes)."""
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return getattr(torch, name)
 
 
-def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto"):
+def load_model(spec: str, device: str | torch.device = "cpu", dtype="auto"):
     """(model, tokenizer) from a Hugging Face checkpoint directory (or a hub id already in
-    the local cache), or the embedded demo model for spec == 'demo'.  ModelLoadError when
+    the local cache: nothing is downloaded), or the embedded demo model for spec == 'demo';
+    on `device`, in `dtype` (a torch.dtype or a LiftConfig.dtype name).  ModelLoadError when
     the path holds no causal language model."""
     device = torch.device(device)
     if spec == "demo":
@@ -63,7 +66,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
             raise ModelLoadError("the embedded demo model (lift_kernels.demo_model."
                                  f"load_demo_model) is not available: {e}") from None
         model, tokenizer = load_demo_model()
-        return model.to(device), tokenizer
+        return model.to(device, resolve_dtype(dtype, device)), tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(spec) and (os.path.isabs(spec) or spec.startswith(".") or
@@ -99,10 +102,17 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
         training; `generate(prompt_ids) -> text` may replace it), a JSON file path, or a list
         of {"question", "answer"} dicts / QAPair.
     ctx: the distributed context; by default joins the torchrun group when launched by one.
+        With config.fsdp under torchrun the model may stay on the CPU: each rank moves only
+        its shard (and the trained parameters) to its device.  A model sharded that way
+        answers only with every rank taking part: ask on a fresh base with the saved file.
     Returns an AbsorbResult (its .save(path) writes the memory file)."""
     config = config or LiftConfig()
     ctx = ctx or init_distributed(config.dist_timeout_s)
-    if ctx.distributed and model_device(model) != ctx.device:
+    fsdp = config.fsdp and ctx.distributed
+    if fsdp and isinstance(qa, str) and qa == "generate":
+        raise ValueError("qa='generate' cannot be combined with fsdp (the unsharded model "
+                         "would have to generate); generate the pairs first and pass them")
+    if not fsdp and model_device(model) != ctx.device and ctx.distributed:
         model.to(ctx.device)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -116,15 +126,24 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
     broadcast_params(params, ctx)
     check_same(_digest(segments + qa_part, fingerprint, config), "samples and model", ctx)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.fsdp and ctx.distributed:
+        _enable_checkpointing(model)
+    if fsdp:
         shard_base_model(model, params, ctx)
     phases = [Phase("segments", segments, config.segment_epochs),
               Phase("segments+qa", segments + qa_part, config.qa_epochs)]
     stats = train(model, params, phases, config, ctx, progress)
     return AbsorbResult(model, params, stats, config, fingerprint, len(ids), len(segments),
                         pairs)
+
+
+def _enable_checkpointing(model) -> None:
+    # Non-reentrant checkpointing: the frozen base's inputs need no grad for the memory's
+    # gradients to flow.  Newer transformers renamed the method.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _qa_pairs(qa, model, tokenizer, ids, config, rng, generate) -> list[QAPair]:

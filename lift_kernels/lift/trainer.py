@@ -79,13 +79,13 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
     device = ctx.device
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
-    plan = [(i, phase, epoch, group)
+    # Every optimiser step: (phase, its shuffled sample indices, this rank's share).
+    equal_counts = config.fsdp and ctx.distributed
+    plan = [(phase, group, shard_step(len(group), ctx, equal_counts))
             for i, phase in enumerate(phases) for epoch in range(phase.epochs)
             for group in step_groups(len(phase.samples), f"{config.seed}:{i}:{epoch}",
                                      config.steps_per_epoch)]
-    equal_counts = config.fsdp and ctx.distributed
-    passes = sum(len(shard_step(len(g), ctx, equal_counts).indices) +
-                 shard_step(len(g), ctx, equal_counts).padding for *_, g in plan)
+    passes = sum(len(shard.indices) + shard.padding for *_, shard in plan)
     bar = tqdm(total=passes, desc="absorb", unit="sample", dynamic_ncols=True,
                disable=not (progress and ctx.is_main))
     rate_label = "tok/s/rank" if ctx.distributed else "tok/s"
@@ -93,8 +93,7 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
     model.train()
     start = time.perf_counter()
     local_tokens = 0
-    for _, phase, _, group in plan:
-        shard = shard_step(len(group), ctx, equal_counts)
+    for phase, group, shard in plan:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         # FSDP pads with passes of weight 0 so that every rank joins every all-gather.
@@ -104,7 +103,7 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
             loss = sample_loss(model, sample, device)
             (loss * (weight / len(group))).backward()
             loss_sum += loss.item() * weight
-            local_tokens += sample.num_tokens
+            local_tokens += sample.num_tokens if weight else 0
             bar.update(1)
             elapsed = time.perf_counter() - start
             bar.set_postfix({"phase": phase.name, "loss": f"{loss.item():.3f}",
