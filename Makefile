@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-fast test-triton build bench bench-quick gpu-check clean
+.PHONY: demo test test-compat test-fast test-triton build bench bench-quick gpu-check clean
 
 # The virtual environment: reuses an importable torch, else installs the CPU build of
 # $(TORCH) (an unpinned torch would pull a multi-GB CUDA build).
@@ -29,6 +29,19 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The HF tests against the lowest transformers of the range pinned in pyproject.toml,
+# installed with its own dependencies into a folder put first on PYTHONPATH (the venv keeps
+# the newest).  Downloads about 60 MB once.
+COMPAT_TRANSFORMERS := 5.0.0
+COMPAT_DIR := build/compat-transformers-$(COMPAT_TRANSFORMERS)
+
+test-compat: build
+	@[ -f $(COMPAT_DIR)/.installed ] || { $(PIP) install --upgrade --target $(COMPAT_DIR) \
+	  "transformers==$(COMPAT_TRANSFORMERS)" "huggingface-hub>=1,<2" "tokenizers>=0.22,<=0.23.0" \
+	  && touch $(COMPAT_DIR)/.installed; }
+	PYTHONPATH=$(COMPAT_DIR) $(PY) -m pytest -q tests/test_hf.py tests/test_hf_training.py \
+	  -k "not convergence"
 
 bench-quick: build
 	$(PY) bench/kernels.py --quick

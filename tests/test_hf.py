@@ -363,3 +363,30 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="replace_attention"):
         lift_kernels.freeze_base_model(model)
     assert not any(hasattr(m, "lift_patch") for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_eager_attention_masks_take_the_exact_path(family):
+    """With attn_implementation="eager" the model always builds a float mask, so every
+    layer takes the exact path; it must agree with the op under sdpa (no mask)."""
+    sdpa = tiny_model(family)
+    eager = tiny_model(family, attn_implementation="eager")
+    for model in (sdpa, eager):
+        lift_kernels.replace_attention(model, backend="reference")
+        randomize_memory(model)
+    assert eager.config._attn_implementation == "eager"
+    ids = tokens()
+    assert rel(logits(eager, ids), logits(sdpa, ids)) <= 1e-5
+
+
+def test_static_cache_generation():
+    """A static cache hands the layers max-length keys (empty slots masked or, at prefill,
+    cut off by sdpa): generation must equal the dynamic cache's."""
+    model = tiny_model("llama")
+    lift_kernels.replace_attention(model, backend="torch")
+    randomize_memory(model)
+    ids = tokens(n=9)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kw)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)

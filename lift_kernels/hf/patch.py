@@ -54,16 +54,23 @@ def _memory_and_gate(q, memory: GatedMemory):
     return mem, gate
 
 
+def _attention_function(module):
+    """The attention function the unpatched module would call (eager, sdpa, flash, flex...)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    implementation = module.config._attn_implementation
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers >= 5.17
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+
+
 def _exact_attention(module, patch, q, k, v, cos, sin, attention_mask, dropout, kwargs):
     """Any mask the model built (padding, sliding window, static cache, eager or sdpa format):
     the model's own attention function computes attention with it, exactly as unpatched,
     and the reference memory and gate are blended in.  Slower than the op (the memory MLP
     runs unfused) but exact for every mask.  Shapes as in gated_attention_forward."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
-    attn, weights = interface(
+    attn, weights = _attention_function(module)(
         module, apply_rope(q, cos, sin).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         attention_mask, dropout=dropout, scaling=module.scaling,
         **patch.adapter.attention_kwargs(module), **kwargs)
@@ -80,7 +87,7 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
 
     q is taken before RoPE (the memory reads it there); only k is rotated here and goes to
     the KV cache; the op rotates q itself with the same cos/sin.  transformers < 5.24 names
-    the cache ``past_key_values``; both names are accepted.
+    the cache ``past_key_values`` (and < 5.17 passes ``cache_position``); all are accepted.
     """
     patch = self.lift_patch
     if cache is None:
@@ -97,8 +104,12 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
     # the op wants q, k, v in one dtype.
     k, v = k.to(q.dtype), v.to(q.dtype)
     if cache is not None:
-        # The cache holds [B, H, N, D]; transposing back gives [B, Nk, H, D] views.
-        k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
+        # The cache holds [B, H, N, D]; transposing back gives [B, Nk, H, D] views.  The
+        # dict is what transformers < 5.17 reads (static caches need cache_position); later
+        # versions ignore it.
+        cache_kwargs = {"sin": sin, "cos": cos,
+                        "cache_position": kwargs.pop("cache_position", None)}
+        k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, cache_kwargs)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
     dropout = self.attention_dropout if self.training else 0.0
     # No mask means plain causal attention (the model skipped building one), which the op
