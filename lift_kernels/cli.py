@@ -273,6 +273,9 @@ def main(argv=None) -> int:
         for kind, name in _error_kinds():
             if isinstance(e, kind):
                 say(str(e))
+                if getattr(args, "json", None) is True:  # absorb/ask --json: also on stdout
+                    print(json.dumps({"error": name, "message": str(e),
+                                      "exit_code": EXIT_CODES[name]}))
                 return EXIT_CODES[name]
         if say.rank and say.rank[1] > 1:  # name the rank before torchrun's summary
             say(f"this rank failed: {type(e).__name__}: {e}")

@@ -139,6 +139,10 @@ def test_memory_file_errors(workdir, tmp_path, capsys):
     save_checkpoint(tmp_path / "other_model", seed=7)
     _error(capsys, ask(workdir / "memory.safetensors", tmp_path / "other_model"), "memory",
            "made for another base model")
+    rc = main(["ask", "--model", str(tmp_path / "other_model"), "--memory",
+               str(workdir / "memory.safetensors"), "--question", "who ?", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == report["exit_code"] == EXIT_CODES["memory"] and report["error"] == "memory"
 
 
 def test_qa_and_option_errors(workdir, tmp_path, capsys):
