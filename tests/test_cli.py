@@ -166,3 +166,19 @@ def test_bench_delegates_to_the_benchmark(monkeypatch):
     monkeypatch.setitem(sys.modules, "lift_kernels.benchmark", fake)
     assert main(["bench", "--quick", "--json", "x.json"]) == 0
     assert seen == [["--quick", "--json", "x.json"]]
+
+
+def test_config_file_sets_recipe_fields(workdir, tmp_path, capsys):
+    from safetensors import safe_open
+
+    (tmp_path / "recipe.json").write_text(json.dumps({"memory": {"mem_hidden": 8},
+                                                      "segment_epochs": 1}))
+    assert _absorb(workdir, tmp_path, "--config", str(tmp_path / "recipe.json")) == 0
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert list(f.get_slice("layers.0.w1").get_shape()) == [4, 8, 8]
+        recorded = json.loads(f.metadata()["lift.config"])
+    assert recorded["segment_epochs"] == 2  # the command line wins over the file
+    assert recorded["memory"]["mem_hidden"] == 8
+    (tmp_path / "typo.json").write_text('{"segment_lenght": 8}')
+    _error(capsys, _absorb(workdir, tmp_path, "--config", str(tmp_path / "typo.json")),
+           "usage", "unknown LiftConfig fields ['segment_lenght']")

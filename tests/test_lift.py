@@ -67,6 +67,8 @@ def test_segmentation_errors():
         LiftConfig(segment_length=0)
     with pytest.raises(ValueError, match="adapter"):
         LiftConfig(adapter="pissa")
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        LiftConfig(segment_epochs=0, qa_epochs=0)
     with pytest.raises(ValueError, match="unknown LiftConfig fields"):
         LiftConfig.from_dict({"segment_lenght": 8})
 

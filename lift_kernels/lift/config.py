@@ -95,6 +95,9 @@ class LiftConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"LiftConfig.{name} must be an int >= 0, got {value!r}")
+        if self.segment_epochs + self.qa_epochs == 0:
+            raise ValueError("LiftConfig.segment_epochs + qa_epochs must be at least 1 "
+                             "(nothing would be trained)")
         if self.segment_stride > self.segment_length:
             raise ValueError(
                 f"LiftConfig.segment_stride ({self.segment_stride}) must not exceed "
