@@ -182,3 +182,9 @@ def test_config_file_sets_recipe_fields(workdir, tmp_path, capsys):
     (tmp_path / "typo.json").write_text('{"segment_lenght": 8}')
     _error(capsys, _absorb(workdir, tmp_path, "--config", str(tmp_path / "typo.json")),
            "usage", "unknown LiftConfig fields ['segment_lenght']")
+
+
+def test_demo_model_missing_is_a_clear_model_error(workdir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lift_kernels.demo_model", None)  # import fails
+    _error(capsys, _absorb(workdir, tmp_path, model="demo"), "model",
+           "embedded demo model (lift_kernels.demo_model.load_demo_model) is not available")
