@@ -1,26 +1,285 @@
-"""The lift-kernels command line (also `python -m lift_kernels`)."""
+"""The lift-kernels command line (also `python -m lift_kernels`).
+
+    lift-kernels demo [--json FILE] [--write-document FILE]
+    lift-kernels absorb --model PATH|demo --document FILE --out MEMORY.safetensors [options]
+    lift-kernels ask --model PATH|demo --memory MEMORY.safetensors --question TEXT [options]
+    lift-kernels bench [benchmark options]
+
+`absorb` runs data-parallel under `torchrun --nproc_per_node K` (rank 0 writes and prints).
+Exit codes: see EXIT_CODES."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+
+EXIT_CODES = {
+    "ok": 0,
+    "error": 1,          # anything unexpected (a bug: please report it)
+    "usage": 2,          # bad command-line options (argparse's own code too)
+    "document": 3,       # document missing, unreadable, not UTF-8, or empty
+    "model": 4,          # model path missing or not a causal language model
+    "unsupported": 5,    # model family the adapter does not support
+    "memory": 6,         # memory file missing, not ours, or made for another model
+    "qa": 7,             # QA file invalid
+    "distributed": 8,    # a rank failed or timed out
+}
+
+
+def _error_kinds():
+    from .lift import (DistributedError, DocumentError, MemoryFileError, ModelLoadError,
+                       QAError, UnsupportedModelError)
+
+    # Order matters: the specific ValueError subclasses before ValueError itself.
+    return ((DocumentError, "document"), (ModelLoadError, "model"),
+            (UnsupportedModelError, "unsupported"), (MemoryFileError, "memory"),
+            (QAError, "qa"), (DistributedError, "distributed"), (ValueError, "usage"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lift-kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lift-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded offline demo")
+
+    demo = sub.add_parser("demo", help="run the embedded offline LIFT demo")
     demo.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    demo.add_argument("--write-document", metavar="FILE",
+                      help="write the built-in document to FILE and exit")
+    try:  # the demo may add its own options (e.g. a fast mode)
+        from .demo import add_arguments
+    except ImportError:
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(demo)
+
+    absorb = sub.add_parser("absorb", help="train a document into a model's memory")
+    _model_options(absorb)
+    absorb.add_argument("--document", required=True, metavar="FILE", help="UTF-8 text file")
+    absorb.add_argument("--out", required=True, metavar="MEMORY.safetensors",
+                        help="where to write the trained memory")
+    absorb.add_argument("--qa", metavar="FILE|generate",
+                        help="auxiliary QA: a JSON list of {question, answer}, or 'generate' "
+                             "(the model writes pairs from random windows); default none")
+    absorb.add_argument("--title", help="document title, prepended before tokenising")
+    absorb.add_argument("--adapter", choices=("gated-memory", "lora"), default=None,
+                        help="gated-memory (default, this package's kernels) or lora (PEFT)")
+    absorb.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    absorb.add_argument("--epochs", type=int, default=None,
+                        help="epochs on segments alone (default 3)")
+    absorb.add_argument("--qa-epochs", type=int, default=None,
+                        help="epochs on segments + QA afterwards (default 5)")
+    absorb.add_argument("--steps-per-epoch", type=int, default=None,
+                        help="optimiser steps per epoch (default 1: the whole epoch)")
+    absorb.add_argument("--lr", type=float, default=None, help="AdamW learning rate (1e-3)")
+    absorb.add_argument("--segment-length", type=int, default=None, help="tokens (2048)")
+    absorb.add_argument("--segment-stride", type=int, default=None, help="tokens (768)")
+    absorb.add_argument("--contextualized", action="store_true", default=None,
+                        help="contextualised training samples (head/tail context + recite)")
+    absorb.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    absorb.add_argument("--fsdp", action="store_true", default=None,
+                        help="under torchrun: shard the frozen base with FSDP2")
+    absorb.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long a rank waits for the others before failing (600)")
+    absorb.add_argument("--config", metavar="FILE",
+                        help="JSON object of LiftConfig fields (options given here win)")
+    absorb.add_argument("--quiet", action="store_true", help="no progress bar")
+    absorb.add_argument("--json", action="store_true",
+                        help="print the result as one JSON object on stdout")
+
+    ask = sub.add_parser("ask", help="answer a question with a trained memory")
+    _model_options(ask)
+    ask.add_argument("--memory", required=True, metavar="FILE", help="from `absorb --out`")
+    ask.add_argument("--question", required=True)
+    ask.add_argument("--document", metavar="FILE",
+                     help="also put the document's head and tail in the context")
+    ask.add_argument("--context-tokens", type=int, default=None,
+                     help="document tokens in the context (default: the model's window)")
+    ask.add_argument("--max-new-tokens", type=int, default=None, help="(default 64)")
+    ask.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    # Every option after `bench` belongs to the benchmark's own parser (main passes them on).
+    sub.add_parser("bench", help="kernel benchmarks (lift_kernels.benchmark)", add_help=False)
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PATH|demo",
+                   help="a Hugging Face checkpoint directory, or 'demo' (embedded tiny model)")
+    p.add_argument("--backend", default=None,
+                   help="gated-memory attention backend (auto, torch, triton, cuda, cpu, "
+                        "reference)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="base model dtype (auto: bfloat16 on GPU, float32 on CPU)")
 
-        return run_demo(args)
-    return 2
+
+def _lift_config(args):
+    from .lift import LiftConfig
+
+    fields = {}
+    if getattr(args, "config", None):
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                fields = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--config {args.config!r}: {e}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"--config {args.config!r} must hold a JSON object")
+    options = {"title": "title", "adapter": "adapter", "seed": "seed", "epochs": "segment_epochs",
+               "qa_epochs": "qa_epochs", "steps_per_epoch": "steps_per_epoch", "lr": "lr",
+               "segment_length": "segment_length", "segment_stride": "segment_stride",
+               "contextualized": "contextualized",
+               "gradient_checkpointing": "gradient_checkpointing", "fsdp": "fsdp",
+               "dist_timeout": "dist_timeout_s", "backend": "backend", "dtype": "dtype"}
+    for option, name in options.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            fields[name] = value
+    return LiftConfig.from_dict(fields)
+
+
+def _device(args):
+    return None if args.device == "auto" else args.device
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_absorb(args, say) -> int:
+    from .lift import absorb, init_distributed, load_model, read_document
+    from .lift.pipeline import resolve_dtype
+    from .lift.distributed import barrier, shutdown
+
+    config = _lift_config(args)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"--out {args.out!r}: directory {out_dir!r} does not exist")
+    document = read_document(args.document)
+    ctx = init_distributed(config.dist_timeout_s, _device(args))
+    say.rank = (ctx.rank, ctx.world_size)
+    if not ctx.is_main:  # rank 0 logs; the others print only their errors
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        # Under FSDP each rank loads on the CPU and moves only its shard to its device.
+        load_on = "cpu" if config.fsdp and ctx.distributed else ctx.device
+        model, tokenizer = load_model(args.model, load_on,
+                                      resolve_dtype(config.dtype, ctx.device))
+        result = absorb(model, tokenizer, document, qa=args.qa, config=config,
+                        progress=not (args.quiet or args.json), ctx=ctx)
+        if ctx.is_main:
+            tmp = args.out + ".tmp"
+            result.save(tmp)
+            os.replace(tmp, args.out)
+        barrier(ctx)
+    finally:
+        shutdown(ctx)
+    if not ctx.is_main:
+        return 0
+    stats = result.stats
+    report = {
+        "out": args.out, "model": args.model, "adapter": config.adapter,
+        "backend": config.backend, "device": str(ctx.device), "world_size": ctx.world_size,
+        "seed": config.seed, "document_tokens": result.document_tokens,
+        "num_segments": result.num_segments, "num_qa": len(result.qa_pairs),
+        "steps": stats.steps, "first_loss": stats.step_losses[0],
+        "last_loss": stats.step_losses[-1], "step_losses": stats.step_losses,
+        "tokens": stats.tokens, "seconds": stats.seconds,
+        "tokens_per_second": stats.tokens_per_second, "fingerprint": result.fingerprint,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"absorbed {result.document_tokens} tokens ({result.num_segments} segments, "
+              f"{len(result.qa_pairs)} QA pairs) into {config.adapter} memory: {args.out}")
+        print(f"{stats.steps} optimiser steps, loss {stats.step_losses[0]:.4f} -> "
+              f"{stats.step_losses[-1]:.4f}, {stats.seconds:.1f} s, "
+              f"{stats.tokens_per_second:.0f} tokens/s on {ctx.world_size} x {ctx.device}")
+    return 0
+
+
+def cmd_ask(args, say) -> int:
+    from .lift import LiftConfig, answer, load_memory_file, load_model, read_document
+    from .lift.adapters import read_metadata
+
+    metadata = read_metadata(args.memory)  # fail on a bad file before loading a model
+    document = read_document(args.document) if args.document else None
+    recorded = json.loads(metadata.get("lift.config", "{}"))
+    config = LiftConfig.from_dict({**recorded, **{k: v for k, v in {
+        "answer_context_tokens": args.context_tokens, "max_new_tokens": args.max_new_tokens,
+        "backend": args.backend, "dtype": args.dtype}.items() if v is not None}})
+    model, tokenizer = load_model(args.model, _device(args) or _default_device(), config.dtype)
+    model, _ = load_memory_file(model, args.memory, config.backend)
+    text = answer(model, tokenizer, args.question, document, config)
+    if args.json:
+        print(json.dumps({"question": args.question, "answer": text, "memory": args.memory,
+                          "adapter": metadata["lift.adapter"], "model": args.model,
+                          "with_document": document is not None}))
+    else:
+        print(text)
+    return 0
+
+
+def cmd_bench(args, say) -> int:
+    try:
+        from .benchmark import main as bench_main
+    except ImportError as e:
+        say(f"the benchmark is not available in this installation "
+            f"(lift_kernels.benchmark: {e})")
+        return EXIT_CODES["error"]
+    return int(bench_main(args.bench_args) or 0)
+
+
+def cmd_demo(args, say) -> int:
+    from .demo import run_demo
+
+    return int(run_demo(args) or 0)
+
+
+class _Say:
+    """Error messages on stderr, prefixed with the command and, when distributed, the rank."""
+
+    def __init__(self, command: str):
+        self.command, self.rank = command, None
+
+    def __call__(self, message: str) -> None:
+        where = f" [rank {self.rank[0]}/{self.rank[1]}]" if self.rank and self.rank[1] > 1 else ""
+        print(f"lift-kernels {self.command}{where}: error: {message}", file=sys.stderr,
+              flush=True)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    say = _Say(args.command)
+    commands = {"absorb": cmd_absorb, "ask": cmd_ask, "bench": cmd_bench, "demo": cmd_demo}
+    try:
+        return commands[args.command](args, say)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except Exception as e:
+        for kind, name in _error_kinds():
+            if isinstance(e, kind):
+                say(str(e))
+                if getattr(args, "json", None) is True:  # absorb/ask --json: also on stdout
+                    print(json.dumps({"error": name, "message": str(e),
+                                      "exit_code": EXIT_CODES[name]}))
+                return EXIT_CODES[name]
+        if say.rank and say.rank[1] > 1:  # name the rank before torchrun's summary
+            say(f"this rank failed: {type(e).__name__}: {e}")
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""The LIFT pipeline (Long Input Fine-Tuning): a long document becomes trained adapter
+parameters of a model, which then answers questions about it without (all of) it in context.
+
+    from lift_kernels.lift import LiftConfig, absorb, answer, load_model
+    model, tok = load_model("path/to/checkpoint")
+    result = absorb(model, tok, open("book.txt").read(), qa="qa.json", config=LiftConfig())
+    result.save("book.safetensors")
+    print(answer(result.model, tok, "Who is the narrator's brother?"))
+
+Later, on a fresh base: `model, _ = load_memory_file(model, "book.safetensors")`.
+"""
+
+from .adapters import load as load_memory_file
+from .adapters import model_fingerprint
+from .config import ADAPTERS, LiftConfig
+from .data import Sample, read_document, segment_document, segment_starts
+from .distributed import DistContext, DistributedError, init_distributed
+from .errors import (DocumentError, MemoryFileError, ModelLoadError, QAError,
+                     UnsupportedModelError)
+from .inference import answer, greedy_completion
+from .pipeline import AbsorbResult, absorb, load_model
+from .qa import QAPair, generate_qa, load_qa
+from .trainer import Phase, TrainStats, train
+
+__all__ = [
+    "ADAPTERS", "AbsorbResult", "DistContext", "DistributedError", "DocumentError",
+    "LiftConfig", "MemoryFileError", "ModelLoadError", "Phase", "QAError", "QAPair", "Sample",
+    "TrainStats", "UnsupportedModelError", "absorb", "answer", "generate_qa",
+    "greedy_completion", "init_distributed", "load_memory_file", "load_model", "load_qa",
+    "model_fingerprint", "read_document", "segment_document", "segment_starts", "train",
+]

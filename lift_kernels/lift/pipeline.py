@@ -1,0 +1,168 @@
+"""absorb: a document (and optional QA) into a model's adapter; load_model: a base model and
+its tokenizer from a path or the embedded demo."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from . import adapters
+from .config import LiftConfig
+from .data import document_ids, qa_samples, segment_samples
+from .distributed import (DistContext, broadcast_params, check_same, init_distributed,
+                          shard_base_model)
+from .errors import ModelLoadError
+from .inference import greedy_completion, model_device
+from .qa import QAPair, generate_qa, load_qa
+from .trainer import Phase, TrainStats, train
+
+
+@dataclass
+class AbsorbResult:
+    """model: the base with its trained adapter (eval mode); params: the trained tensors;
+    fingerprint: the base model's (adapters.model_fingerprint), for saving."""
+
+    model: torch.nn.Module
+    params: list[torch.Tensor]
+    stats: TrainStats
+    config: LiftConfig
+    fingerprint: str
+    document_tokens: int
+    num_segments: int
+    qa_pairs: list[QAPair] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.stats.tokens_per_second
+
+    def save(self, path) -> None:
+        """Write the adapter to `path` (safetensors); call on rank 0 only."""
+        adapters.save(self.model, path, self.config, self.fingerprint)
+
+
+def resolve_dtype(name, device) -> torch.dtype:
+    """LiftConfig.dtype: 'auto' = bfloat16 on GPU, float32 on CPU (a torch.dtype passes)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", dtype="auto"):
+    """(model, tokenizer) from a Hugging Face checkpoint directory (or a hub id already in
+    the local cache: nothing is downloaded), or the embedded demo model for spec == 'demo';
+    on `device`, in `dtype` (a torch.dtype or a LiftConfig.dtype name).  ModelLoadError when
+    the path holds no causal language model."""
+    device = torch.device(device)
+    if spec == "demo":
+        try:
+            from ..demo_model import load_demo_model
+        except ImportError as e:
+            raise ModelLoadError("the embedded demo model (lift_kernels.demo_model."
+                                 f"load_demo_model) is not available: {e}") from None
+        model, tokenizer = load_demo_model()
+        return model.to(device, resolve_dtype(dtype, device)), tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(spec) and (os.path.isabs(spec) or spec.startswith(".") or
+                                    spec.count("/") != 1):
+        raise ModelLoadError(f"model {spec!r} is not a directory (nor a hub id like "
+                             "'org/name'); give a checkpoint saved with save_pretrained or 'demo'")
+    try:
+        config = AutoConfig.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model {spec!r} has no readable Hugging Face config "
+                             f"(config.json): {e}") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ModelLoadError(f"model {spec!r} is a {config.model_type!r} model, not a causal "
+                             "language model (AutoModelForCausalLM cannot load it)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=resolve_dtype(dtype, device), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model {spec!r} cannot be loaded as a causal language model "
+                             f"with its tokenizer: {e}") from None
+    return model.to(device), tokenizer
+
+
+def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | None = None,
+           progress: bool = True, ctx: DistContext | None = None, generate=None) -> AbsorbResult:
+    """Train `document` into an adapter of `model` with the LIFT recipe in `config`.
+
+    model: a Hugging Face causal LM (on the device and in the dtype to train in; under
+        torchrun it is moved to this rank's device).  It is modified in place and returned in
+        the result with its adapter.
+    qa: None or "none" (no QA), "generate" (the model writes pairs from random windows before
+        training; `generate(prompt_ids) -> text` may replace it), a JSON file path, or a list
+        of {"question", "answer"} dicts / QAPair.
+    ctx: the distributed context; by default joins the torchrun group when launched by one.
+        With config.fsdp under torchrun the model may stay on the CPU: each rank moves only
+        its shard (and the trained parameters) to its device.  A model sharded that way
+        answers only with every rank taking part: ask on a fresh base with the saved file.
+    Returns an AbsorbResult (its .save(path) writes the memory file)."""
+    config = config or LiftConfig()
+    ctx = ctx or init_distributed(config.dist_timeout_s)
+    fsdp = config.fsdp and ctx.distributed
+    if fsdp and isinstance(qa, str) and qa == "generate":
+        raise ValueError("qa='generate' cannot be combined with fsdp (the unsharded model "
+                         "would have to generate); generate the pairs first and pass them")
+    if not fsdp and model_device(model) != ctx.device and ctx.distributed:
+        model.to(ctx.device)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    ids = document_ids(tokenizer, document, config.title)
+    pairs = _qa_pairs(qa, model, tokenizer, ids, config, rng, generate)
+    segments = segment_samples(tokenizer, ids, config, rng)
+    qa_part = qa_samples(tokenizer, ids, pairs, config, rng)
+    fingerprint = adapters.model_fingerprint(model)
+    torch.manual_seed(config.seed)
+    model, params = adapters.attach(model, config)
+    broadcast_params(params, ctx)
+    check_same(_digest(segments + qa_part, fingerprint, config), "samples and model", ctx)
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
+    if fsdp:
+        shard_base_model(model, params, ctx)
+    phases = [Phase("segments", segments, config.segment_epochs),
+              Phase("segments+qa", segments + qa_part, config.qa_epochs)]
+    stats = train(model, params, phases, config, ctx, progress)
+    return AbsorbResult(model, params, stats, config, fingerprint, len(ids), len(segments),
+                        pairs)
+
+
+def _enable_checkpointing(model) -> None:
+    # Non-reentrant checkpointing: the frozen base's inputs need no grad for the memory's
+    # gradients to flow.  Newer transformers renamed the method.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _qa_pairs(qa, model, tokenizer, ids, config, rng, generate) -> list[QAPair]:
+    if qa is None or (isinstance(qa, str) and qa == "none"):
+        return []
+    if isinstance(qa, str) and qa == "generate":
+        if generate is None:
+            def generate(prompt):
+                return greedy_completion(model, tokenizer, prompt, config.max_new_tokens)
+        return generate_qa(tokenizer, ids, config, generate, rng)
+    if isinstance(qa, list) and all(isinstance(p, QAPair) for p in qa) and qa:
+        return list(qa)
+    return load_qa(qa)
+
+
+def _digest(samples, fingerprint: str, config: LiftConfig) -> str:
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(config.to_json().encode())
+    for s in samples:
+        h.update(s.input_ids.numpy().tobytes())
+        h.update(s.labels.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,190 @@
+"""The lift-kernels command line: absorb and ask end to end on a checkpoint saved with
+save_pretrained, and one exit code per kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from lift_kernels.cli import EXIT_CODES, main
+
+from lift_tiny import make_document, make_tokenizer, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--segment-length", "32", "--segment-stride", "16", "--epochs", "2", "--qa-epochs", "1",
+        "--steps-per-epoch", "2", "--lr", "0.1", "--backend", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny checkpoint, a document, a QA file, and a memory absorbed in-process."""
+    root = tmp_path_factory.mktemp("cli")
+    save_checkpoint(root / "model")
+    (root / "doc.txt").write_text(make_document(80, seed=3))
+    (root / "qa.json").write_text(json.dumps([{"question": "what is red ?",
+                                               "answer": "the tower"}]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rc = main(["absorb", "--model", str(root / "model"), "--document", str(root / "doc.txt"),
+               "--out", str(root / "memory.safetensors"), "--quiet", *FAST])
+    torch.set_num_threads(threads)
+    assert rc == 0
+    return root
+
+
+def test_absorb_then_ask_end_to_end_through_the_command_line(workdir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "memory.safetensors"
+    absorb = subprocess.run(
+        [sys.executable, "-m", "lift_kernels", "absorb", "--model", str(workdir / "model"),
+         "--document", str(workdir / "doc.txt"), "--qa", str(workdir / "qa.json"),
+         "--out", str(out), "--json", "--seed", "1", *FAST],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert absorb.returncode == 0, absorb.stderr
+    report = json.loads(absorb.stdout)
+    assert report["num_qa"] == 1 and report["steps"] == 6 and report["world_size"] == 1
+    assert report["last_loss"] < report["first_loss"]
+    assert report["tokens_per_second"] > 0 and out.is_file()
+
+    ask = subprocess.run(
+        [sys.executable, "-m", "lift_kernels", "ask", "--model", str(workdir / "model"),
+         "--memory", str(out), "--question", "what is red ?", "--document",
+         str(workdir / "doc.txt"), "--max-new-tokens", "5", "--json"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert ask.returncode == 0, ask.stderr
+    reply = json.loads(ask.stdout)
+    assert reply["adapter"] == "gated-memory" and reply["with_document"] is True
+    assert isinstance(reply["answer"], str)
+
+
+def test_ask_plain_output(workdir, capsys):
+    rc = main(["ask", "--model", str(workdir / "model"), "--memory",
+               str(workdir / "memory.safetensors"), "--question", "who ?",
+               "--max-new-tokens", "3"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def _absorb(workdir, tmp_path, *extra, document=None, model=None):
+    return main(["absorb", "--model", str(model or workdir / "model"), "--document",
+                 str(document or workdir / "doc.txt"), "--out", str(tmp_path / "m.safetensors"),
+                 "--quiet", *FAST, *extra])
+
+
+def _error(capsys, rc, kind, message):
+    err = capsys.readouterr().err
+    assert rc == EXIT_CODES[kind], err
+    assert message in err, err
+
+
+def test_document_errors(workdir, tmp_path, capsys):
+    _error(capsys, _absorb(workdir, tmp_path, document=tmp_path / "nope.txt"),
+           "document", "does not exist")
+    (tmp_path / "empty.txt").write_text("   \n")
+    _error(capsys, _absorb(workdir, tmp_path, document=tmp_path / "empty.txt"),
+           "document", "is empty")
+    _error(capsys, _absorb(workdir, tmp_path, document=tmp_path), "document", "directory")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
+    _error(capsys, _absorb(workdir, tmp_path, document=tmp_path / "bin.txt"),
+           "document", "not UTF-8")
+
+
+def test_model_errors(workdir, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
+
+    _error(capsys, _absorb(workdir, tmp_path, model=tmp_path / "missing"), "model",
+           "is not a directory")
+    (tmp_path / "empty_dir").mkdir()
+    _error(capsys, _absorb(workdir, tmp_path, model=tmp_path / "empty_dir"), "model",
+           "no readable Hugging Face config")
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    _error(capsys, _absorb(workdir, tmp_path, model=tmp_path / "vit"), "model",
+           "not a causal language model")
+
+    tok = make_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2,
+                               n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    _error(capsys, _absorb(workdir, tmp_path, model=tmp_path / "gpt2"), "unsupported",
+           "supported families: llama")
+
+
+def test_memory_file_errors(workdir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    def ask(memory, model=None):
+        return main(["ask", "--model", str(model or workdir / "model"), "--memory", str(memory),
+                     "--question", "who ?"])
+
+    _error(capsys, ask(tmp_path / "none.safetensors"), "memory", "does not exist")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    _error(capsys, ask(tmp_path / "junk.safetensors"), "memory", "not a safetensors file")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    _error(capsys, ask(tmp_path / "other.safetensors"), "memory", "not a lift-kernels memory")
+    save_checkpoint(tmp_path / "other_model", seed=7)
+    _error(capsys, ask(workdir / "memory.safetensors", tmp_path / "other_model"), "memory",
+           "made for another base model")
+    rc = main(["ask", "--model", str(tmp_path / "other_model"), "--memory",
+               str(workdir / "memory.safetensors"), "--question", "who ?", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == report["exit_code"] == EXIT_CODES["memory"] and report["error"] == "memory"
+
+
+def test_qa_and_option_errors(workdir, tmp_path, capsys):
+    (tmp_path / "qa.json").write_text('[{"question": "who ?"}]')
+    _error(capsys, _absorb(workdir, tmp_path, "--qa", str(tmp_path / "qa.json")), "qa",
+           'item 0 has no "answer"')
+    _error(capsys, _absorb(workdir, tmp_path, "--segment-stride", "64"), "usage",
+           "segment_stride")
+    rc = main(["absorb", "--model", str(workdir / "model"), "--document",
+               str(workdir / "doc.txt"), "--out", str(tmp_path / "no" / "dir" / "m.st")])
+    _error(capsys, rc, "usage", "does not exist")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["absorb", "--model", "demo"])
+    assert exit_info.value.code == EXIT_CODES["usage"]
+
+
+def test_bench_delegates_to_the_benchmark(monkeypatch):
+    seen = []
+    fake = types.ModuleType("lift_kernels.benchmark")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "lift_kernels.benchmark", fake)
+    assert main(["bench", "--quick", "--json", "x.json"]) == 0
+    assert seen == [["--quick", "--json", "x.json"]]
+
+
+def test_config_file_sets_recipe_fields(workdir, tmp_path, capsys):
+    from safetensors import safe_open
+
+    (tmp_path / "recipe.json").write_text(json.dumps({"memory": {"mem_hidden": 8},
+                                                      "segment_epochs": 1}))
+    assert _absorb(workdir, tmp_path, "--config", str(tmp_path / "recipe.json")) == 0
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert list(f.get_slice("layers.0.w1").get_shape()) == [4, 8, 8]
+        recorded = json.loads(f.metadata()["lift.config"])
+    assert recorded["segment_epochs"] == 2  # the command line wins over the file
+    assert recorded["memory"]["mem_hidden"] == 8
+    (tmp_path / "typo.json").write_text('{"segment_lenght": 8}')
+    _error(capsys, _absorb(workdir, tmp_path, "--config", str(tmp_path / "typo.json")),
+           "usage", "unknown LiftConfig fields ['segment_lenght']")
+
+
+def test_demo_model_missing_is_a_clear_model_error(workdir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lift_kernels.demo_model", None)  # import fails
+    _error(capsys, _absorb(workdir, tmp_path, model="demo"), "model",
+           "embedded demo model (lift_kernels.demo_model.load_demo_model) is not available")
