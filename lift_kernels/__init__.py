@@ -26,5 +26,19 @@ def available_backends(device="cpu") -> list:
     return [b for b in BACKENDS[1:] if dispatch.unsupported_reason(b, problem) is None]
 
 
+# The HF integration (lift_kernels.hf), loaded on first use so that the kernels import
+# without transformers.
+_HF_NAMES = ("replace_attention", "restore_attention", "freeze_base_model", "memory_parameters",
+             "memory_disabled", "save_memory", "load_memory", "collect_gates")
+
+
+def __getattr__(name):
+    if name in _HF_NAMES:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'lift_kernels' has no attribute {name!r}")
+
+
 __all__ = ["gated_memory_attention", "GatedMemory", "GatedMemoryConfig", "BACKENDS",
-           "build_info", "available_backends", "__version__"]
+           "build_info", "available_backends", "__version__", *_HF_NAMES]

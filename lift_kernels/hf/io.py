@@ -1,0 +1,142 @@
+"""Saving and loading the memory of a patched model: safetensors only (no pickle, ever).
+
+File layout: one tensor per memory parameter, named ``layers.<layer_idx>.<w1|b1|...>``, and
+string metadata in the safetensors header:
+
+    format          "lift-kernels-memory"
+    format_version  "1"
+    model_type      the family (config.model_type)
+    layers          JSON list of the patched layer indices
+    config          JSON of the resolved GatedMemoryConfig (no None left)
+    num_heads, head_dim, shapes (JSON {name: shape})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..memory import GatedMemoryConfig
+from .families import model_type_of
+from .patch import _need_patched, patched_modules, replace_attention, restore_attention
+
+FORMAT = "lift-kernels-memory"
+FORMAT_VERSION = "1"
+
+
+def _memory_tensors(modules) -> dict:
+    return {f"layers.{i}.{name}": p for i, m in sorted(modules.items())
+            for name, p in m.gated_memory.named_parameters()}
+
+
+def save_memory(model, path) -> None:
+    """Writes the memory of every patched layer of `model` to `path` (safetensors)."""
+    from safetensors.torch import save_file
+
+    modules = _need_patched(model, "save_memory")
+    configs = {json.dumps(m.lift_patch.config.to_dict(), sort_keys=True) for m in modules.values()}
+    if len(configs) != 1:
+        raise ValueError(f"save_memory: the patched layers have different configs {configs}")
+    first = next(iter(modules.values()))
+    tensors = {n: p.detach().contiguous().cpu() for n, p in _memory_tensors(modules).items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_type": model_type_of(model),
+        "layers": json.dumps(sorted(modules)),
+        "config": configs.pop(),
+        "num_heads": str(first.gated_memory.num_heads),
+        "head_dim": str(first.gated_memory.head_dim),
+        "shapes": json.dumps({n: list(t.shape) for n, t in tensors.items()}),
+    }
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def _read_header(handle, path) -> dict:
+    meta = handle.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a lift-kernels memory file (header format "
+                         f"{meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has memory format version {meta.get('format_version')!r}; "
+                         f"this lift_kernels reads version {FORMAT_VERSION!r}")
+    try:
+        return {"model_type": meta["model_type"], "layers": json.loads(meta["layers"]),
+                "config": json.loads(meta["config"])}
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} has a malformed lift-kernels header ({err})") from None
+
+
+def load_memory(model, path, backend: str | None = None):
+    """Loads memory written by save_memory into `model` and returns it.
+
+    An unpatched model is first patched with the file's config and layers (backend
+    `backend`, default "auto"); a patched one must match them.  Every tensor name and shape
+    is checked before anything is copied; a mismatch raises ValueError naming it.  Never
+    unpickles anything.  `backend`, if given, also sets the backend of a patched model.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"memory file not found: {path}")
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err})") from None
+    header = _read_header(handle, path)
+    model_type = model_type_of(model)
+    if header["model_type"] != model_type:
+        raise ValueError(f"{path} holds memory for model_type {header['model_type']!r}, "
+                         f"the model is {model_type!r}")
+    try:
+        config = GatedMemoryConfig(**header["config"])
+    except TypeError as err:
+        raise ValueError(f"{path} has an unknown memory config ({err})") from None
+    modules = patched_modules(model)
+    patched_before = bool(modules)
+    if modules:
+        _check_patched(modules, header, path)
+        if backend is not None:
+            replace_attention(model, config, backend, layers=header["layers"])
+    else:
+        replace_attention(model, config, backend or "auto", layers=header["layers"])
+        modules = patched_modules(model)
+    try:
+        _copy_checked(handle, _memory_tensors(modules), path)
+    except ValueError:
+        if not patched_before:
+            restore_attention(model)
+        raise
+    return model
+
+
+def _check_patched(modules, header, path):
+    if sorted(modules) != header["layers"]:
+        raise ValueError(f"{path} holds layers {header['layers']}, the model has patched "
+                         f"layers {sorted(modules)}")
+    for i, m in modules.items():
+        ours = m.lift_patch.config.to_dict()
+        diff = {k: (v, ours.get(k)) for k, v in header["config"].items() if ours.get(k) != v}
+        if diff:
+            raise ValueError(f"{path}: the memory config differs from layer {i}'s in "
+                             f"{{field: (file, model)}} {diff}")
+
+
+def _copy_checked(handle, params, path):
+    """Checks every name and shape first, then copies (so a mismatch changes nothing)."""
+    names = set(handle.keys())
+    missing, unexpected = sorted(set(params) - names), sorted(names - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model's memory: missing {missing}, "
+                         f"unexpected {unexpected}")
+    for name, p in params.items():
+        shape = tuple(handle.get_slice(name).get_shape())
+        if shape != tuple(p.shape):
+            raise ValueError(f"{path}: tensor {name} has shape {shape}, the model's is "
+                             f"{tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(handle.get_tensor(name))

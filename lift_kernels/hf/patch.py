@@ -1,0 +1,275 @@
+"""Instance-level patching of a Hugging Face causal LM's attention modules.
+
+Each patched attention module keeps its class and its own projections; it gains two
+attributes and an instance-level ``forward``:
+
+    module.gated_memory  GatedMemory (the seven trainable tensors of the layer)
+    module.lift_patch    LiftPatch (adapter, backend, config, disabled flag, last gate)
+    module.forward       gated_attention_forward bound to the module
+
+``restore_attention`` deletes the three, which gives back the class's forward and a state
+dict without memory tensors.  No class is ever modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..dispatch import BACKENDS
+from ..function import gated_memory_attention
+from ..memory import GatedMemory, GatedMemoryConfig, default_gate_hidden, default_mem_hidden
+from ..ops.reference import apply_rope, compute_dtype, gate_mlp, memory_mlp
+from .families import adapter_for
+
+
+@dataclass
+class LiftPatch:
+    """Per-module state of a patched attention module (a plain object, not a Module, so it
+    adds nothing to the state dict)."""
+
+    adapter: object
+    backend: str
+    config: GatedMemoryConfig  # resolved: no None left
+    disabled: bool = False
+    last_gate: torch.Tensor | None = None  # [B, N, Hq] float32 of the last forward
+
+
+def _memory_and_gate(q, memory: GatedMemory):
+    """The memory MLP and the gate of the reference, in float32 (float64 for float64 q).
+    q [B, N, Hq, D] -> mem [B, N, Hq, D], gate [B, N, Hq]."""
+    ct = compute_dtype(q.dtype)
+
+    def up(t):
+        return None if t is None else t.to(ct)
+
+    qf = q.to(ct)
+    mem = memory_mlp(qf, up(memory.w1), up(memory.b1), up(memory.w2), up(memory.b2))
+    gate = gate_mlp(qf, up(memory.g1), up(memory.c1), up(memory.g2),
+                    memory.gate_scale, memory.gate_shift)
+    return mem, gate
+
+
+def _exact_attention(module, patch, q, k, v, cos, sin, attention_mask, dropout, kwargs):
+    """Any mask the model built (padding, sliding window, static cache, eager or sdpa format):
+    the model's own attention function computes attention with it, exactly as unpatched,
+    and the reference memory and gate are blended in.  Slower than the op (the memory MLP
+    runs unfused) but exact for every mask.  Shapes as in gated_attention_forward."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
+    attn, weights = interface(
+        module, apply_rope(q, cos, sin).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attention_mask, dropout=dropout, scaling=module.scaling,
+        **patch.adapter.attention_kwargs(module), **kwargs)
+    mem, gate = _memory_and_gate(q, module.gated_memory)
+    g = gate.unsqueeze(-1)
+    out = (1 - g) * attn.to(mem.dtype) + g * mem
+    return out.to(q.dtype), gate, weights
+
+
+def gated_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                            cache=None, **kwargs):
+    """Replaces the attention module's forward on the instance (same signature and return
+    as the families' own forward: (output [B, N, hidden], attention weights or None)).
+
+    q is taken before RoPE (the memory reads it there); only k is rotated here and goes to
+    the KV cache; the op rotates q itself with the same cos/sin.  transformers < 5.24 names
+    the cache ``past_key_values``; both names are accepted.
+    """
+    patch = self.lift_patch
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    if patch.disabled:
+        patch.last_gate = None
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
+                                  cache, **kwargs)
+    batch, n = hidden_states.shape[:2]
+    q, k, v = patch.adapter.project(self, hidden_states)  # [B, N, H, D]
+    cos, sin = position_embeddings
+    k = apply_rope(k, cos, sin)
+    # Under autocast the projections come out in the autocast dtype while cos/sin may not;
+    # the op wants q, k, v in one dtype.
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if cache is not None:
+        # The cache holds [B, H, N, D]; transposing back gives [B, Nk, H, D] views.
+        k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    dropout = self.attention_dropout if self.training else 0.0
+    # No mask means plain causal attention (the model skipped building one), which the op
+    # computes bottom-right aligned; that agrees with every attention implementation when
+    # Nq == Nk or Nq == 1.  Everything else takes the exact path.
+    if attention_mask is None and dropout == 0.0 and (n == k.shape[1] or n == 1):
+        memory = self.gated_memory
+        out, gate = gated_memory_attention(
+            q, k, v, *memory.weights(), cos=cos, sin=sin, causal=True,
+            softmax_scale=self.scaling, gate_scale=memory.gate_scale,
+            gate_shift=memory.gate_shift, return_gate=True, backend=patch.backend)
+        weights = None
+    else:
+        out, gate, weights = _exact_attention(self, patch, q, k, v, cos, sin, attention_mask,
+                                              dropout, kwargs)
+    patch.last_gate = gate.detach()
+    return self.o_proj(out.reshape(batch, n, -1)), weights
+
+
+def attention_modules(model) -> dict:
+    """{layer_idx: attention module} of `model`'s family, patched or not.  Raises ValueError
+    for an unsupported family (before anything is touched)."""
+    adapter = adapter_for(model)
+    cls = adapter.load_attention_class()
+    found = {m.layer_idx: m for m in model.modules() if isinstance(m, cls)}
+    if not found:
+        raise ValueError(f"no {cls.__name__} module found in {type(model).__name__}")
+    return dict(sorted(found.items()))
+
+
+def patched_modules(model) -> dict:
+    """{layer_idx: attention module} of the patched layers (empty if none)."""
+    return {m.layer_idx: m for m in model.modules() if hasattr(m, "lift_patch")}
+
+
+def _need_patched(model, what: str) -> dict:
+    modules = patched_modules(model)
+    if not modules:
+        raise ValueError(f"{what}: the model has no gated memory; call "
+                         f"lift_kernels.replace_attention(model) first")
+    return modules
+
+
+def resolve_config(config: GatedMemoryConfig, module, adapter) -> GatedMemoryConfig:
+    """`config` with every None replaced by what it means for this module."""
+    d = module.head_dim
+    return replace(
+        config,
+        mem_hidden=config.mem_hidden if config.mem_hidden is not None else default_mem_hidden(d),
+        gate_hidden=(config.gate_hidden if config.gate_hidden is not None
+                     else default_gate_hidden(d)),
+        bias=config.bias if config.bias is not None else adapter.has_bias(module),
+        gate_scale=float(config.gate_scale), gate_shift=float(config.gate_shift))
+
+
+def _new_memory(module, config: GatedMemoryConfig) -> GatedMemory:
+    # Memory parameters are float32 whatever the model's dtype (the op accepts float32
+    # weights with 16-bit activations); an optimizer then updates them in full precision.
+    return GatedMemory(module.config.num_attention_heads, module.head_dim, config.mem_hidden,
+                       config.gate_hidden, config.bias, config.gate_scale, config.gate_shift,
+                       device=next(module.parameters()).device, dtype=torch.float32)
+
+
+def _same_shapes(a: GatedMemoryConfig, b: GatedMemoryConfig) -> bool:
+    return (a.mem_hidden, a.gate_hidden, a.bias) == (b.mem_hidden, b.gate_hidden, b.bias)
+
+
+def _unpatch(module):
+    del module.forward, module.gated_memory, module.lift_patch
+
+
+def replace_attention(model, config: GatedMemoryConfig | None = None, backend: str = "auto",
+                      layers=None):
+    """Give every decoder layer's attention (or those in `layers`) a Gated Memory.
+
+    Args:
+        model: a transformers causal LM of a supported family (llama, mistral, qwen2, qwen3),
+            possibly wrapped by PEFT (patch after get_peft_model: its LoRA on the projections
+            keeps working, the projections are reused, not copied).
+        config: GatedMemoryConfig; None means the defaults.  bias=None follows the model
+            (memory biases where the attention projections have biases, e.g. Qwen2).
+        backend: the op's backend ("auto", "reference", "torch", "triton", "cuda", "cpu").
+        layers: iterable of layer indices to patch; None means all.
+
+    Calling it again on a patched model updates the backend and config in place: memory
+    weights are kept when their shapes do not change (only gate_scale/gate_shift change),
+    re-initialised when they do; patched layers not in `layers` are restored.
+    Returns `model` (patched in place).  Raises ValueError for an unsupported family, with
+    nothing patched.
+    """
+    config = GatedMemoryConfig() if config is None else config
+    if not isinstance(config, GatedMemoryConfig):
+        raise TypeError(f"config must be a lift_kernels.GatedMemoryConfig, got "
+                        f"{type(config).__name__}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    adapter = adapter_for(model)
+    modules = attention_modules(model)
+    if layers is None:
+        wanted = set(modules)
+    else:
+        wanted = set()
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int) or i not in modules:
+                raise ValueError(f"layers must hold layer indices in 0..{max(modules)}, got {i!r}")
+            wanted.add(i)
+    for idx, module in modules.items():
+        if idx not in wanted:
+            if hasattr(module, "lift_patch"):
+                _unpatch(module)
+            continue
+        resolved = resolve_config(config, module, adapter)
+        if hasattr(module, "lift_patch"):
+            patch = module.lift_patch
+            if _same_shapes(patch.config, resolved):
+                module.gated_memory.gate_scale = resolved.gate_scale
+                module.gated_memory.gate_shift = resolved.gate_shift
+            else:
+                module.gated_memory = _new_memory(module, resolved)
+            patch.config, patch.backend, patch.adapter = resolved, backend, adapter
+        else:
+            module.gated_memory = _new_memory(module, resolved)
+            module.lift_patch = LiftPatch(adapter, backend, resolved)
+            module.forward = types.MethodType(gated_attention_forward, module)
+    return model
+
+
+def restore_attention(model):
+    """Undo replace_attention: every patched module gets its class's forward back and loses
+    its memory (save it first with save_memory if needed).  Returns `model`."""
+    for module in patched_modules(model).values():
+        _unpatch(module)
+    return model
+
+
+def memory_parameters(model):
+    """The memory and gate parameters of the patched layers, in layer order."""
+    for _, module in sorted(_need_patched(model, "memory_parameters").items()):
+        yield from module.gated_memory.parameters()
+
+
+def freeze_base_model(model):
+    """Only the memory and gate parameters keep requires_grad (everything else, LoRA
+    included, is frozen).  Also makes the input embeddings' output require grad, so that
+    reentrant activation checkpointing (which only back-propagates into checkpointed layers
+    whose inputs require grad) still reaches the memory.  Returns `model`."""
+    memory = set(map(id, memory_parameters(model)))
+    for p in model.parameters():
+        p.requires_grad_(id(p) in memory)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return model
+
+
+@contextlib.contextmanager
+def memory_disabled(model):
+    """Within the block, every patched layer runs its original attention (the memory is
+    bypassed entirely, so the outputs are exactly the unpatched model's)."""
+    modules = _need_patched(model, "memory_disabled").values()
+    before = [m.lift_patch.disabled for m in modules]
+    for m in modules:
+        m.lift_patch.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, before):
+            m.lift_patch.disabled = was
+
+
+def collect_gates(model) -> dict:
+    """{layer_idx: gate [B, N, Hq] float32 (detached)} from the last forward of each patched
+    layer (None for a layer that has not run, or ran with the memory disabled)."""
+    return {i: m.lift_patch.last_gate
+            for i, m in sorted(_need_patched(model, "collect_gates").items())}
