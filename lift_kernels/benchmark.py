@@ -399,17 +399,19 @@ def _measure_or_status(name, shape, device, opts) -> dict:
             torch.cuda.empty_cache()
 
 
-def _child(conn, name, shape, device, opts):
+def _child(conn, name, shape, device, opts, threads):
+    if threads:
+        torch.set_num_threads(threads)
     conn.send(_measure_or_status(name, shape, device, opts))
     conn.close()
 
 
-def _measure_in_child(name, shape, device, opts, timeout_s) -> dict:
+def _measure_in_child(name, shape, device, opts, timeout_s, threads=None) -> dict:
     """A forked child per case: a clean peak-RSS measure, and a crash or hang in a backend
     costs one row.  The parent must not have run torch's thread pools before forking."""
     ctx = multiprocessing.get_context("fork")
     parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child_end, name, shape, device, opts))
+    proc = ctx.Process(target=_child, args=(child_end, name, shape, device, opts, threads))
     proc.start()
     child_end.close()
     result, timed_out = None, not parent_end.poll(timeout_s)
@@ -446,12 +448,12 @@ def _reference_cannot_fit(shape, device) -> str | None:
 
 # ----------------------------------------------------------------------------- environment
 
-def environment(device: str) -> dict:
+def environment(device: str, threads: int | None = None) -> dict:
     """Device, versions and time: recorded with every row."""
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "device": device, "torch": torch.__version__, "lift_kernels": __version__,
            "python": platform.python_version(), "platform": platform.platform(),
-           "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+           "threads": threads or torch.get_num_threads(), "command": " ".join(sys.argv)}
     try:
         import triton
 
@@ -490,10 +492,13 @@ def environment(device: str) -> dict:
 
 def run_benchmark(shapes, backends, device, *, warmup=1, max_repeats=20, min_repeats=3,
                   target_ms=1000.0, input_sets=None, time_budget_s=None, case_timeout_s=600.0,
-                  env=None, log=print) -> list:
+                  threads=None, env=None, log=print) -> list:
     """Every backend on every shape; returns the rows (one per shape, backend and pass).
-    Cases left when `time_budget_s` is spent get status 'skipped'."""
-    env = env or environment(device)
+    Cases left when `time_budget_s` is spent get status 'skipped'.  `threads`: torch's CPU
+    threads in each case (default: torch's choice)."""
+    if threads and device != "cpu":
+        torch.set_num_threads(threads)
+    env = env or environment(device, threads)
     if input_sets is None:
         input_sets = 3 if device == "cuda" else 2
     opts = dict(warmup=warmup, max_repeats=max_repeats, min_repeats=min_repeats,
@@ -509,7 +514,7 @@ def run_benchmark(shapes, backends, device, *, warmup=1, max_repeats=20, min_rep
             elif reason is not None:
                 result = {"status": "oom", "note": f"not attempted: {reason}"}
             elif device == "cpu":
-                result = _measure_in_child(name, shape, device, opts, case_timeout_s)
+                result = _measure_in_child(name, shape, device, opts, case_timeout_s, threads)
             else:
                 result = _measure_or_status(name, shape, device, opts)
             new = _rows(name, shape, device, result, env)
@@ -698,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the sweep's dtypes")
     parser.add_argument("--backends", type=lambda s: s.split(","), metavar="NAME[,NAME...]",
                         help="default: the baselines plus every available backend")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None,
                         help="most timed repeats per pass (default 10 CPU, 30 CUDA)")
@@ -752,14 +758,14 @@ def main(argv=None) -> int:
         return 2
     shapes = select_shapes(args, device)
     cuda = device == "cuda"
-    env = environment(device)
+    env = environment(device, args.threads)
     print(f"{len(shapes)} shapes x {len(backends)} contenders ({', '.join(backends)}) on "
           f"{env['device_name']}", flush=True)
     rows = run_benchmark(
         shapes, backends, device, warmup=args.warmup,
         max_repeats=args.repeats or (30 if cuda else 10), min_repeats=args.min_repeats,
         target_ms=args.target_ms or (300.0 if cuda else 400.0), time_budget_s=args.time_budget,
-        case_timeout_s=args.case_timeout, env=env,
+        case_timeout_s=args.case_timeout, threads=args.threads, env=env,
         log=lambda line: print(line, flush=True))
     print(format_table(rows, env))
     if args.json:

@@ -14,7 +14,8 @@ from lift_kernels.benchmark import Shape, attention_flops, memory_flops
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("backend", "pass", "B", "Nq", "Nk", "Hq", "Hkv", "D", "dtype", "device", "ms",
             "tflops", "peak_mem_bytes", "device_name", "torch", "triton", "lift_kernels")
-FAST = ["--warmup", "0", "--repeats", "2", "--min-repeats", "1", "--target-ms", "1"]
+FAST = ["--warmup", "0", "--repeats", "2", "--min-repeats", "1", "--target-ms", "1",
+        "--threads", "1"]
 
 
 def test_attention_flops_hand_counts():
@@ -91,7 +92,7 @@ def test_peak_memory_sees_the_reference_score_matrix():
     # The reference materialises [B, Hq, N, N] float32 scores: 4 * 256 * 256 * 4 B = 1 MiB.
     shape = Shape(1, 256, 256, 4, 1, 16)
     rows = benchmark.run_benchmark([shape], ["reference"], "cpu", warmup=0, max_repeats=1,
-                                   min_repeats=1, target_ms=1, log=lambda _: None)
+                                   min_repeats=1, target_ms=1, threads=1, log=lambda _: None)
     peak = {r["pass"]: r["peak_mem_bytes"] for r in rows}
     assert peak["fwd"] >= 4 * 256 * 256 * 4
     assert peak["fwd_bwd"] >= peak["fwd"]
@@ -100,7 +101,7 @@ def test_peak_memory_sees_the_reference_score_matrix():
 def test_a_backend_that_cannot_run_gets_a_row():
     shape = benchmark.SWEEPS["smoke"][0]
     rows = benchmark.run_benchmark([shape], ["flex", "cuda"], "cpu", warmup=0, max_repeats=1,
-                                   min_repeats=1, target_ms=1, log=lambda _: None)
+                                   min_repeats=1, target_ms=1, threads=1, log=lambda _: None)
     assert len(rows) == 6
     for r in rows:
         assert r["status"] == "unsupported" and r["note"] and r["ms"] is None
@@ -117,3 +118,38 @@ def test_time_budget_skips_with_a_row():
 def test_kernels_script_is_the_cli():
     script = runpy.run_path(str(ROOT / "bench" / "kernels.py"), run_name="not_main")
     assert script["main"] is benchmark.main
+
+
+@pytest.fixture(scope="module")
+def lift_step():
+    return runpy.run_path(str(ROOT / "bench" / "lift_step.py"), run_name="not_main")
+
+
+def test_count_segments(lift_step):
+    count = lift_step["count_segments"]
+    assert count(8192, 2048, 768) == 9  # starts 0, 768, ..., 6144 (ends at 8192)
+    assert count(2048, 2048, 768) == 1 and count(100, 2048, 768) == 1
+    assert count(2049, 2048, 768) == 2 and count(2816, 2048, 768) == 2
+    assert count(2817, 2048, 768) == 3
+
+
+def test_lift_step_smoke(lift_step, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    import lift_kernels.hf.patch as patch
+
+    # The step must run the op's fast path (no mask): the exact fallback would time
+    # something else, so here it fails the run.
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the benchmark took the exact (masked) attention path")
+    monkeypatch.setattr(patch, "_exact_attention", no_fallback)
+    out = tmp_path / "lift_step.json"
+    assert lift_step["main"](["--smoke", "--device", "cpu", "--threads", "1",
+                              "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {"reference", "torch"} <= {r["backend"] for r in rows}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["segment_step_ms"] > 0 and r["qa_step_ms"] > 0
+        assert r["segments"] == 7 and r["absorb_s"] > 0 and r["peak_bytes"] > 0
+    assert "absorb s" in capsys.readouterr().out
