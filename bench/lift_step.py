@@ -198,7 +198,7 @@ def run(args) -> tuple[list, dict]:
         model = build_model(args.model, device, dtype, args.gradient_checkpointing)
         for backend in backends:
             rows.append(_measure_or_status(lambda: model, backend, args))
-            print(_line(rows[-1]), flush=True)
+            _report(rows, env, args)
         del model
     else:
         # A forked child per backend: its own model and a clean peak-RSS measure.
@@ -214,7 +214,7 @@ def run(args) -> tuple[list, dict]:
                 rows.append({"backend": backend, "status": "error",
                              "note": f"child process exited with code {proc.exitcode}"})
             proc.join()
-            print(_line(rows[-1]), flush=True)
+            _report(rows, env, args)
     ref = next((r for r in rows if r["backend"] == "reference" and r["status"] == "ok"), None)
     for r in rows:
         ok = r["status"] == "ok" and ref is not None
@@ -222,6 +222,14 @@ def run(args) -> tuple[list, dict]:
         r.update(model=args.model, dtype=args.dtype, seq=args.seq, device=device,
                  device_name=env["device_name"], date=env["date"])
     return rows, env
+
+
+def _report(rows, env, args):
+    """Prints the newest row and rewrites the JSON, so a run cut short keeps its rows."""
+    print(_line(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
 
 
 def _line(r) -> str:
@@ -291,10 +299,10 @@ def main(argv=None) -> int:
         print("error: this lift_kernels has no HF integration (replace_attention)", file=sys.stderr)
         return 2
     rows, env = run(args)
-    print(format_table(rows, env, args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
+    print(format_table(rows, env, args))
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 

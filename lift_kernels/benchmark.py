@@ -155,13 +155,12 @@ SWEEPS = _sweeps()
 # ----------------------------------------------------------------------------- contenders
 
 def default_backends(device: str) -> list:
-    """The baselines that run on `device`, then every other available backend."""
-    names = [b for b in BASELINES if b != "flex" or device == "cuda"]
-    for name in available_backends(device):
-        if name in names or (device == "cpu" and name in CPU_TEST_ONLY):
-            continue
-        names.append(name)
-    return names
+    """In run order: SDPA (the lower bound), every available fused backend, then torch,
+    reference and (CUDA) flex, so that a time budget cuts the baselines first."""
+    fused = [b for b in available_backends(device) if b not in BASELINES
+             and not (device == "cpu" and b in CPU_TEST_ONLY)]
+    tail = ["torch", "reference"] + (["flex"] if device == "cuda" else [])
+    return ["sdpa", *fused, *tail]
 
 
 def _rope_tables(n, d, device):

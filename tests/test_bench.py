@@ -1,9 +1,12 @@
 """The benchmark harness (lift_kernels/benchmark.py, bench/kernels.py, bench/lift_step.py) in
 smoke mode: tiny sizes, they prove the harness works, they do not time anything."""
 
+import ast
 import csv
 import json
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,54 @@ def test_lift_step_smoke(lift_step, tmp_path, monkeypatch, capsys):
         assert r["tokens_per_s"] > 0 and r["segment_step_ms"] > 0 and r["qa_step_ms"] > 0
         assert r["segments"] == 7 and r["absorb_s"] > 0 and r["peak_bytes"] > 0
     assert "absorb s" in capsys.readouterr().out
+
+
+# What bench/gpu_check.sh runs may import: the GPU machine has python3 with torch, triton,
+# transformers (safetensors comes with it) and nothing promised beyond; matplotlib only
+# inside a try/except ImportError (no plot then).
+GPU_CHECK_FILES = ("bench/*.py", "lift_kernels/*.py", "lift_kernels/ops/*.py",
+                   "lift_kernels/hf/*.py")
+ALLOWED = {"torch", "triton", "transformers", "safetensors", "lift_kernels"}
+GUARDED = {"matplotlib"}
+
+
+def _imports(tree):
+    """(top-level module, guarded by except ImportError) for every absolute import."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "Exception")
+                for h in node.handlers):
+            for inner in node.body:
+                guarded.update(id(n) for n in ast.walk(inner))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            yield name.split(".")[0], id(node) in guarded
+
+
+def test_gpu_check_imports_only_what_the_gpu_machine_has():
+    bad = []
+    for pattern in GPU_CHECK_FILES:
+        for path in ROOT.glob(pattern):
+            if path.name in ("cli.py", "__main__.py") or path.name.startswith("demo"):
+                continue  # not run by the GPU check
+            for top, guarded in _imports(ast.parse(path.read_text())):
+                if top in sys.stdlib_module_names or top in ALLOWED:
+                    continue
+                if top in GUARDED and guarded:
+                    continue
+                bad.append(f"{path.relative_to(ROOT)}: {top}{'' if guarded else ' (unguarded)'}")
+    assert not bad, bad
+
+
+def test_gpu_check_script_parses():
+    script = ROOT / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
