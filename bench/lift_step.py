@@ -55,7 +55,8 @@ MODELS = {
 
 def count_segments(doc_tokens: int, seq: int, stride: int) -> int:
     """Windows of `seq` tokens starting every `stride` tokens until one reaches the end:
-    1 + ceil((doc_tokens - seq) / stride) (8192 tokens, 2048/768 -> 9)."""
+    1 + ceil((doc_tokens - seq) / stride) (8192 tokens, 2048/768 -> 9), the count of
+    lift_kernels.lift's segment_starts."""
     if doc_tokens <= seq:
         return 1
     return 1 + math.ceil((doc_tokens - seq) / stride)
@@ -286,7 +287,8 @@ def build_parser():
     parser.add_argument("--backends", type=lambda s: s.split(","),
                         help="default: reference, torch and every available fused backend")
     parser.add_argument("--seq", type=int, help="segment length (default 2048 CUDA, 512 CPU)")
-    parser.add_argument("--stride", type=int, default=768)
+    parser.add_argument("--stride", type=int,
+                        help="segment stride (default 3/8 of --seq: 768 for 2048, as LIFT)")
     parser.add_argument("--doc-tokens", type=int, default=8192)
     parser.add_argument("--qa-pairs", type=int, default=10)
     parser.add_argument("--qa-len", type=int, default=128, help="tokens per QA sample")
@@ -310,6 +312,11 @@ def main(argv=None) -> int:
     args.model = args.model or ("llama3-8b" if cuda else "tiny")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.seq = args.seq or (2048 if cuda else 512)
+    args.stride = args.stride or 3 * args.seq // 8
+    if not 0 < args.stride <= args.seq:
+        print(f"error: need 0 < --stride <= --seq, got {args.stride} and {args.seq}",
+              file=sys.stderr)
+        return 2
     if not hasattr(lift_kernels, "replace_attention"):
         print("error: this lift_kernels has no HF integration (replace_attention)", file=sys.stderr)
         return 2
