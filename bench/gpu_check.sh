@@ -25,7 +25,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-T_BUILD=${T_BUILD:-170} T_TESTS=${T_TESTS:-110} T_BENCH=${T_BENCH:-120} T_LIFT=${T_LIFT:-90}
+T_BUILD=${T_BUILD:-150} T_TESTS=${T_TESTS:-100} T_BENCH=${T_BENCH:-110} T_LIFT=${T_LIFT:-80}
 SUMMARY=()
 
 # step NAME LIMIT_S LOG COMMAND...: runs COMMAND under a time limit, appends to LOG.
@@ -101,14 +101,14 @@ else
               --target-ms 200)
 fi
 step bench "$T_BENCH" "$OUT/bench.log" "$PY" bench/kernels.py "${bench_args[@]}" \
-  --time-budget $((T_BENCH - 35)) --json "$OUT/bench.json" --csv "$OUT/bench.csv" \
+  --time-budget $((T_BENCH - 45)) --json "$OUT/bench.json" --csv "$OUT/bench.csv" \
   --plot "$OUT/bench.png"
 
 # 4. End-to-end LIFT step: Llama-3-8B shapes, bf16, 2048-token segments; 8k-token absorb.
 if [ $DRY -eq 1 ]; then
   lift_args=(--device cpu --smoke --threads 1)
 else
-  lift_args=(--device cuda --model llama3-8b --seq 2048 --warmup 2 --steps 5)
+  lift_args=(--device cuda --model llama3-8b --seq 2048 --warmup 1 --steps 3)
 fi
 step lift_step "$T_LIFT" "$OUT/bench.log" "$PY" bench/lift_step.py "${lift_args[@]}" \
   --json "$OUT/lift_step.json"

@@ -491,10 +491,11 @@ def environment(device: str, threads: int | None = None) -> dict:
 
 def run_benchmark(shapes, backends, device, *, warmup=1, max_repeats=20, min_repeats=3,
                   target_ms=1000.0, input_sets=None, time_budget_s=None, case_timeout_s=600.0,
-                  threads=None, env=None, log=print) -> list:
+                  threads=None, env=None, log=print, on_case=None) -> list:
     """Every backend on every shape; returns the rows (one per shape, backend and pass).
     Cases left when `time_budget_s` is spent get status 'skipped'.  `threads`: torch's CPU
-    threads in each case (default: torch's choice)."""
+    threads in each case (default: torch's choice).  `on_case(rows)` is called after each
+    case with the rows so far (ratios filled in), so a run cut short keeps its results."""
     if threads and device != "cpu":
         torch.set_num_threads(threads)
     env = env or environment(device, threads)
@@ -519,7 +520,9 @@ def run_benchmark(shapes, backends, device, *, warmup=1, max_repeats=20, min_rep
             new = _rows(name, shape, device, result, env)
             rows.extend(new)
             log(_progress_line(new))
-    add_ratios(rows)
+            add_ratios(rows)
+            if on_case is not None:
+                on_case(rows)
     return rows
 
 
@@ -757,6 +760,13 @@ def main(argv=None) -> int:
         return 2
     shapes = select_shapes(args, device)
     cuda = device == "cuda"
+
+    def save(rows):
+        if args.json:
+            write_json(args.json, rows, env)
+        if args.csv:
+            write_csv(args.csv, rows)
+
     env = environment(device, args.threads)
     print(f"{len(shapes)} shapes x {len(backends)} contenders ({', '.join(backends)}) on "
           f"{env['device_name']}", flush=True)
@@ -765,12 +775,8 @@ def main(argv=None) -> int:
         max_repeats=args.repeats or (30 if cuda else 10), min_repeats=args.min_repeats,
         target_ms=args.target_ms or (300.0 if cuda else 400.0), time_budget_s=args.time_budget,
         case_timeout_s=args.case_timeout, threads=args.threads, env=env,
-        log=lambda line: print(line, flush=True))
+        log=lambda line: print(line, flush=True), on_case=lambda rows: save(rows))
     print(format_table(rows, env))
-    if args.json:
-        write_json(args.json, rows, env)
-    if args.csv:
-        write_csv(args.csv, rows)
     if args.plot:
         why = write_plot(args.plot, rows, env)
         if why:
