@@ -81,14 +81,17 @@ def test_two_processes_match_one(inputs, tmp_path, fsdp):
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("w2"))  # it did train
 
 
-@pytest.mark.parametrize("mode, message", [
-    ("crash", "injected failure on rank 1"),
-    ("hang", "waited up to 5 s for the other ranks"),
+@pytest.mark.parametrize("mode, timeout, message", [
+    # A crash is seen at once (gloo loses the connection); the long timeout makes sure the
+    # message comes from the crash, not from a slow start of rank 1.
+    ("crash", "120", "injected failure on rank 1"),
+    ("hang", "5", "waited up to 5 s for the other ranks"),
 ])
-def test_a_failing_rank_ends_the_job(inputs, tmp_path, mode, message):
+def test_a_failing_rank_ends_the_job(inputs, tmp_path, mode, timeout, message):
     out = tmp_path / "never.safetensors"
     proc, seconds = _torchrun(__file__, mode,
-                              *_absorb_args(inputs, out, "--dist-timeout", "5"), timeout=180)
+                              *_absorb_args(inputs, out, "--dist-timeout", timeout),
+                              timeout=180)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
