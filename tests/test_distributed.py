@@ -16,8 +16,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The recipe's learning rate: a far larger one makes training chaotic enough for float
+# rounding (which differs with the split) to grow past the 1e-4 comparison.
 FAST = ["--segment-length", "32", "--segment-stride", "16", "--epochs", "2", "--qa-epochs", "2",
-        "--steps-per-epoch", "2", "--lr", "0.1", "--backend", "torch", "--json"]
+        "--steps-per-epoch", "2", "--backend", "torch", "--json"]
 
 
 def _env():
@@ -77,6 +79,7 @@ def test_two_processes_match_one(inputs, tmp_path, fsdp):
     a, b = load_file(str(one)), load_file(str(two))
     assert a.keys() == b.keys()
     worst = max(_rel(b[k], a[k]) for k in a if a[k].abs().sum() > 0)
+    print(f"2 processes vs 1: worst norm-relative difference {worst:.2e}")
     assert worst <= 1e-4, worst
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("w2"))  # it did train
 
