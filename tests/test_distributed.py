@@ -16,8 +16,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The recipe's learning rate: a far larger one makes training chaotic enough for float
+# rounding (which differs with the split) to grow past the 1e-4 comparison.
 FAST = ["--segment-length", "32", "--segment-stride", "16", "--epochs", "2", "--qa-epochs", "2",
-        "--steps-per-epoch", "2", "--lr", "0.1", "--backend", "torch", "--json"]
+        "--steps-per-epoch", "2", "--backend", "torch", "--json"]
 
 
 def _env():
@@ -77,18 +79,22 @@ def test_two_processes_match_one(inputs, tmp_path, fsdp):
     a, b = load_file(str(one)), load_file(str(two))
     assert a.keys() == b.keys()
     worst = max(_rel(b[k], a[k]) for k in a if a[k].abs().sum() > 0)
+    print(f"2 processes vs 1: worst norm-relative difference {worst:.2e}")
     assert worst <= 1e-4, worst
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("w2"))  # it did train
 
 
-@pytest.mark.parametrize("mode, message", [
-    ("crash", "injected failure on rank 1"),
-    ("hang", "waited up to 5 s for the other ranks"),
+@pytest.mark.parametrize("mode, timeout, message", [
+    # A crash is seen at once (gloo loses the connection); the long timeout makes sure the
+    # message comes from the crash, not from a slow start of rank 1.
+    ("crash", "120", "injected failure on rank 1"),
+    ("hang", "5", "waited up to 5 s for the other ranks"),
 ])
-def test_a_failing_rank_ends_the_job(inputs, tmp_path, mode, message):
+def test_a_failing_rank_ends_the_job(inputs, tmp_path, mode, timeout, message):
     out = tmp_path / "never.safetensors"
     proc, seconds = _torchrun(__file__, mode,
-                              *_absorb_args(inputs, out, "--dist-timeout", "5"), timeout=180)
+                              *_absorb_args(inputs, out, "--dist-timeout", timeout),
+                              timeout=180)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()

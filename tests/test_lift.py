@@ -177,6 +177,10 @@ def test_parse_generated():
     assert parse_generated(" what is red ?\nAnswer: the tower\nQuestion: more") == \
         QAPair("what is red ?", "the tower")
     assert parse_generated("Question: who ? Answer: the king") == QAPair("who ?", "the king")
+    assert parse_generated('**Question:** who ?\n**Answer:** "the king"') == \
+        QAPair("who ?", "the king")
+    assert parse_generated("Question: who ?\n**Answer:**\n the king\nmore") == \
+        QAPair("who ?", "the king")
     assert parse_generated("no answer here") is None
     assert parse_generated("Question: who ?\nAnswer:   ") is None
 

@@ -1,5 +1,7 @@
-"""Data parallelism for absorb under torchrun (or any launcher that sets RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT, such as `accelerate launch`).
+"""Data parallelism for absorb under torchrun, or any launcher that sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT the same way: `accelerate launch --multi_gpu
+--num_processes K` does (it also works without GPUs: the ranks then use gloo), while
+`accelerate launch --cpu` with K > 1 goes through MPI and is not supported.
 
 Why an explicit all-reduce and not DistributedDataParallel: an optimiser step of LIFT
 accumulates a whole epoch (by default), so there is exactly one gradient exchange per step,

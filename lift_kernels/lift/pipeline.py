@@ -3,10 +3,10 @@ its tokenizer from a path or the embedded demo."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
-from dataclasses import dataclass, field
 
 import torch
 
@@ -21,7 +21,7 @@ from .qa import QAPair, generate_qa, load_qa
 from .trainer import Phase, TrainStats, train
 
 
-@dataclass
+@dataclasses.dataclass
 class AbsorbResult:
     """model: the base with its trained adapter (eval mode); params: the trained tensors;
     fingerprint: the base model's (adapters.model_fingerprint), for saving."""
@@ -33,7 +33,7 @@ class AbsorbResult:
     fingerprint: str
     document_tokens: int
     num_segments: int
-    qa_pairs: list[QAPair] = field(default_factory=list)
+    qa_pairs: list[QAPair] = dataclasses.field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -112,7 +112,9 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
     if fsdp and isinstance(qa, str) and qa == "generate":
         raise ValueError("qa='generate' cannot be combined with fsdp (the unsharded model "
                          "would have to generate); generate the pairs first and pass them")
-    if not fsdp and model_device(model) != ctx.device and ctx.distributed:
+    if not ctx.distributed:
+        ctx = dataclasses.replace(ctx, device=model_device(model))  # train where it is
+    elif not fsdp and model_device(model) != ctx.device:
         model.to(ctx.device)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)

@@ -79,14 +79,18 @@ def generation_prompt(tokenizer, passage: str) -> list[int]:
     return list(tokenizer(text + "\n\nQuestion:", add_special_tokens=True)["input_ids"])
 
 
+_WRAPPING = " \t\n*_\"'`"
+
+
 def parse_generated(text: str) -> QAPair | None:
     """A (question, answer) from a 'Question: ... Answer: ...' completion, or None.  The
     leading 'Question:' may be missing (the prompt may have ended with it)."""
     if "Answer:" not in text:
         return None
     question, answer = text.split("Answer:", 1)
-    question = question.rsplit("Question:", 1)[-1].strip()
-    answer = answer.strip().split("\n", 1)[0].strip()
+    # Chat models often wrap the labels in markdown (**Answer:**) or quote the answer.
+    question = question.rsplit("Question:", 1)[-1].strip(_WRAPPING)
+    answer = answer.strip(_WRAPPING).split("\n", 1)[0].strip(_WRAPPING)
     if not question or not answer:
         return None
     return QAPair(question, answer)

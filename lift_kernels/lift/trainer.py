@@ -102,11 +102,12 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
             sample = phase.samples[index]
             loss = sample_loss(model, sample, device)
             (loss * (weight / len(group))).backward()
-            loss_sum += loss.item() * weight
+            value = loss.item()
+            loss_sum += value * weight
             local_tokens += sample.num_tokens if weight else 0
             bar.update(1)
             elapsed = time.perf_counter() - start
-            bar.set_postfix({"phase": phase.name, "loss": f"{loss.item():.3f}",
+            bar.set_postfix({"phase": phase.name, "loss": f"{value:.3f}",
                              rate_label: f"{local_tokens / max(elapsed, 1e-9):.0f}"})
         all_reduce_grads(params, ctx)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
