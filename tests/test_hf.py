@@ -151,6 +151,24 @@ def test_backends_agree_with_reference(family, backend):
         assert rel(got_grads[name], g) <= 1e-5, name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_backends_agree_on_cuda(family):
+    """The GPU backends in a patched model, fp32 model with bf16 autocast (the training
+    setup), against the reference backend on the same device."""
+    model = tiny_model(family).cuda()
+    lift_kernels.replace_attention(model, backend="reference")
+    randomize_memory(model)
+    ids = tokens().cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_logits, ref_grads = _grads(model, ids, "reference")
+        for backend in lift_kernels.available_backends("cuda"):
+            got_logits, got_grads = _grads(model, ids, backend)
+            assert rel(got_logits.float(), ref_logits.float()) <= 2e-2, backend
+            for name, g in ref_grads.items():
+                assert rel(got_grads[name], g) <= 2e-2, (backend, name)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_path_agrees_with_op(family):
     """An unpadded row of a padded batch (exact path) equals the same row alone (op)."""

@@ -86,6 +86,13 @@ def load_memory(model, path, backend: str | None = None):
         handle = safe_open(path, framework="pt", device="cpu")
     except SafetensorError as err:
         raise ValueError(f"{path} is not a safetensors file ({err})") from None
+    with handle:
+        _load(model, handle, path, backend)
+    return model
+
+
+def _load(model, handle, path, backend):
+    """load_memory once the file is open: header checks, patching, then the checked copy."""
     header = _read_header(handle, path)
     model_type = model_type_of(model)
     if header["model_type"] != model_type:
@@ -110,7 +117,6 @@ def load_memory(model, path, backend: str | None = None):
         if not patched_before:
             restore_attention(model)
         raise
-    return model
 
 
 def _check_patched(modules, header, path):
