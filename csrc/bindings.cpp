@@ -90,6 +90,7 @@ lift::AttnParams params_from(const py::dict& d, bool backward) {
     p.dg1 = pointer<float>(d, "dg1");
     p.dc1 = pointer<float>(d, "dc1");
     p.dg2 = pointer<float>(d, "dg2");
+    p.workspace = d.contains("workspace") ? pointer<void>(d, "workspace") : nullptr;
   }
   return p;
 }
@@ -134,6 +135,9 @@ PYBIND11_MODULE(_C, m) {
     lift::cuda::backward(p);
   }, "CUDA backward on the given stream (same fields as cpu_backward).");
   m.def("cuda_supports", &lift::cuda::supports,
-        "Why the CUDA kernels cannot serve (head_dim, dtype), or an empty string.");
+        "Why the CUDA kernels cannot serve (head_dim, dtype code, mem_hidden), or ''.");
+  m.def("cuda_workspace_bytes", [](const py::dict& fields) {
+    return lift::cuda::backward_workspace_bytes(params_from(fields, false));
+  }, "Bytes of device workspace cuda_backward needs (passed as the 'workspace' field).");
 #endif
 }

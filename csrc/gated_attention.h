@@ -64,6 +64,9 @@ struct AttnParams {
   float *dw1 = nullptr, *db1 = nullptr, *dw2 = nullptr, *db2 = nullptr;
   float *dg1 = nullptr, *dc1 = nullptr, *dg2 = nullptr;
 
+  // Backward scratch on the device (CUDA only; cuda::backward_workspace_bytes says how much).
+  void* workspace = nullptr;
+
   float scale = 1.f;  // softmax scale
   float gate_scale = 3.f, gate_shift = 1.f;
   bool causal = true;

@@ -23,8 +23,7 @@ else:
     _IMPORT_ERROR = None
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# The CUDA kernels' tiles are instantiated for these head dims and 16-bit dtypes.
-CUDA_HEAD_DIMS = (64, 128)
+# The CUDA kernels' tiles are 16-bit (csrc/cuda/launch.h lists the head dims).
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -46,9 +45,15 @@ def unsupported_reason(name: str, problem) -> str | None:
         if problem.dtype not in CUDA_DTYPES:
             return (f"the cuda backend runs float16/bfloat16 tensor-core tiles, got "
                     f"{problem.dtype} (use triton or torch)")
-        if problem.head_dim not in CUDA_HEAD_DIMS:
-            return (f"the cuda kernels are compiled for head dims {CUDA_HEAD_DIMS}, got "
-                    f"D={problem.head_dim}")
+        reason = _C.cuda_supports(problem.head_dim, _DTYPE_CODES[problem.dtype],
+                                  problem.mem_hidden)
+        if reason:
+            return reason
+        if _C.cuda_device_count() == 0:
+            return "the CUDA runtime of lift_kernels._C sees no GPU"
+        major, _ = torch.cuda.get_device_capability(problem.device)
+        if major < 8:
+            return f"the cuda kernels need compute capability >= 8.0 (sm_80), got {major}.x"
         return None
     return f"lift_kernels.ops.cext serves 'cpu' and 'cuda', not {name!r}"
 
@@ -150,6 +155,11 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
         lse=_ptr(lse), attn=_ptr(attn), out=0, dq=_ptr(dq), dk=_ptr(dk), dv=_ptr(dv))
     for key, g in zip(("dw1", "db1", "dw2", "db2", "dg1", "dc1", "dg2"), wgrads):
         fields[key] = _ptr(g)
+    workspace = None
+    if name == "cuda":  # the CUDA backward's scratch rows (O(N)), allocated here like all else
+        workspace = torch.empty(_C.cuda_workspace_bytes(fields), dtype=torch.uint8,
+                                device=q.device)
+        fields["workspace"] = _ptr(workspace)
     _call(name, "backward", fields, q.device)
     del keep
     wgrads = [None if g is None else g.to(w.dtype) for g, w in zip(wgrads, weights)]
