@@ -74,7 +74,6 @@ lift::AttnParams params_from(const py::dict& d, bool backward) {
   p.gate_scale = d["gate_scale"].cast<float>();
   p.gate_shift = d["gate_shift"].cast<float>();
   p.causal = d["causal"].cast<bool>();
-  p.deterministic = d["deterministic"].cast<bool>();
   p.stream = d.contains("stream") ? d["stream"].cast<int64_t>() : 0;
   if (backward) {
     p.dout = pointer<const void>(d, "dout");

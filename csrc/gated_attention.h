@@ -70,7 +70,6 @@ struct AttnParams {
   float scale = 1.f;  // softmax scale
   float gate_scale = 3.f, gate_shift = 1.f;
   bool causal = true;
-  bool deterministic = false;
   int64_t stream = 0;  // cudaStream_t as an integer (CUDA only)
 };
 

@@ -159,3 +159,20 @@ def test_build_contains_sm80_and_sm90a():
                              text=True, check=True).stdout
     archs = set(re.findall(r"\.(sm_\d+a?)\.cubin", listing))
     assert {"sm_80", "sm_90a"} <= archs, listing
+
+
+def test_cpu_nan_in_query_stays_in_its_row():
+    """A NaN in one query row gives NaN in that row only, like the reference."""
+    case = BASE.but(batch=1, nq=70, nk=70)
+    t = make_inputs(case, 6)
+    args = {n: t[n] for n in ("q", "k", "v", "w1", "b1", "w2", "b2", "g1", "c1", "g2")}
+    clean = lift_kernels.gated_memory_attention(*args.values(), cos=t["cos"], sin=t["sin"],
+                                                backend="cpu")
+    args["q"] = args["q"].clone()
+    args["q"][0, 66, 1, 3] = float("nan")
+    out = lift_kernels.gated_memory_attention(*args.values(), cos=t["cos"], sin=t["sin"],
+                                              backend="cpu")
+    assert torch.isnan(out[0, 66, 1]).all()
+    keep = torch.ones(out.shape, dtype=torch.bool)
+    keep[0, 66, 1] = False
+    assert torch.equal(out[keep], clean[keep])

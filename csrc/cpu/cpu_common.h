@@ -108,7 +108,7 @@ LIFT_INLINE void load_tile(const void* src, int64_t offset, int64_t ld, int rows
 // exp(x) for x <= 0 as plain arithmetic, so loops over it vectorise (libm's expf does not
 // without -ffast-math, which would also break -inf).  Range reduction x = n ln2 + r with
 // |r| <= ln2/2 and a degree-6 polynomial (Cephes' expf coefficients): relative error about
-// 1e-7.  x < -87.3 (including -inf, a masked score) gives exactly 0.
+// 1e-7.  x < -87.3 (including -inf, a masked score) gives exactly 0; NaN stays NaN.
 LIFT_INLINE float exp_neg(float x) {
   const float xc = x < -87.3f ? -87.3f : x;
   const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -126,7 +126,7 @@ LIFT_INLINE float exp_neg(float x) {
   p = p * r * r + r + 1.f;
   const float y = __builtin_bit_cast(
       float, __builtin_bit_cast(uint32_t, p) + (static_cast<uint32_t>(n) << 23));
-  return x < -87.3f ? 0.f : y;
+  return x != x ? x : (x < -87.3f ? 0.f : y);  // NaN propagates
 }
 
 // ---- matrix multiply on float32 tiles (gemm.cpp) --------------------------------------------

@@ -35,7 +35,13 @@ constexpr int kChunk = 64;     // memory-MLP hidden units per step (M must be a 
   } while (0)
 
 // After every launch: a bad configuration shows up here, not as a silent no-op.
-#define LIFT_CUDA_CHECK_LAUNCH(name) LIFT_CUDA_CHECK(cudaGetLastError())
+#define LIFT_CUDA_CHECK_LAUNCH(name)                                                      \
+  do {                                                                                     \
+    const cudaError_t err_ = cudaGetLastError();                                           \
+    if (err_ != cudaSuccess)                                                               \
+      throw std::runtime_error(std::string("CUDA error launching ") + name + ": " +        \
+                               cudaGetErrorString(err_));                                  \
+  } while (0)
 
 template <class T>
 __device__ __forceinline__ float to_float(T x);
