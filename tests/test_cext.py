@@ -15,7 +15,7 @@ import torch
 import lift_kernels
 from lift_kernels import dispatch
 from lift_kernels.ops import cext
-from tests.helpers import Case, check_against_oracle, make_inputs, run
+from helpers import Case, check_against_oracle, make_inputs, run
 
 pytestmark = pytest.mark.skipif(cext._C is None, reason="lift_kernels._C is not built")
 
@@ -176,3 +176,11 @@ def test_cpu_nan_in_query_stays_in_its_row():
     keep = torch.ones(out.shape, dtype=torch.bool)
     keep[0, 66, 1] = False
     assert torch.equal(out[keep], clean[keep])
+
+
+@pytest.mark.parametrize("nq,expected", [(64, "cpu"), (4096, "cpu"), (1, "torch"), (63, "torch")])
+def test_auto_on_cpu(nq, expected):
+    """dispatch.auto_order's CPU rule (measured: bench/RESULTS.md)."""
+    problem = dispatch.Problem(1, nq, 4096, 8, 2, 64, 128, 8, torch.float32, torch.float32,
+                               torch.device("cpu"), False, False, False, True, True)
+    assert dispatch.choose_backend("auto", problem) == expected

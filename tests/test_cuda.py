@@ -13,7 +13,7 @@ import torch
 
 import lift_kernels
 from lift_kernels.ops import cext
-from tests.helpers import Case, check_against_oracle, make_inputs, rel_err, run
+from helpers import Case, check_against_oracle, make_inputs, rel_err, run
 
 DEVICE = os.environ.get("LIFT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [

@@ -20,22 +20,22 @@ struct FwdScratch {
         st(kBN * kBM), o(kBM * dp), m(kBM), l(kBM), alpha(kBM), msafe(kBM), gate(kBM) {}
 };
 
-// The memory MLP and the gate of a query tile: mem [kBM][Dp] and gate [kBM].
-LIFT_INLINE void memory_and_gate(const AttnParams& p, const PackedWeights& w, int64_t h,
+// The memory MLP and the gate of the first np rows of a query tile: mem [np][Dp], gate [np].
+LIFT_INLINE void memory_and_gate(const AttnParams& p, const PackedWeights& w, int64_t h, int np,
                                  FwdScratch& s) {
   const int dp = w.dp, mp = w.mp, rp = w.rp;
-  gemm_nn(kBM, mp, dp, s.qf.data(), dp, w.W1(h), mp, s.h1.data(), mp, false);
+  gemm_nn(np, mp, dp, s.qf.data(), dp, w.W1(h), mp, s.h1.data(), mp, false);
   const float* b1 = w.B1(h);
-  for (int r = 0; r < kBM; ++r)
+  for (int r = 0; r < np; ++r)
     for (int c = 0; c < mp; ++c) s.h1[r * mp + c] = silu(s.h1[r * mp + c] + b1[c]);
-  gemm_nn(kBM, dp, mp, s.h1.data(), mp, w.W2(h), dp, s.mem.data(), dp, false);
+  gemm_nn(np, dp, mp, s.h1.data(), mp, w.W2(h), dp, s.mem.data(), dp, false);
   const float* b2 = w.B2(h);
-  for (int r = 0; r < kBM; ++r)
+  for (int r = 0; r < np; ++r)
     for (int c = 0; c < dp; ++c) s.mem[r * dp + c] += b2[c];
 
-  gemm_nn(kBM, rp, dp, s.qf.data(), dp, w.G1(h), rp, s.hg.data(), rp, false);
+  gemm_nn(np, rp, dp, s.qf.data(), dp, w.G1(h), rp, s.hg.data(), rp, false);
   const float *c1 = w.C1(h), *g2 = w.G2(h);
-  for (int r = 0; r < kBM; ++r) {
+  for (int r = 0; r < np; ++r) {
     float logit = 0.f;
     for (int c = 0; c < rp; ++c) logit += silu(s.hg[r * rp + c] + c1[c]) * g2[c];
     s.gate[r] = gate_from_logit(logit, p.gate_scale, p.gate_shift);
@@ -43,10 +43,11 @@ LIFT_INLINE void memory_and_gate(const AttnParams& p, const PackedWeights& w, in
 }
 
 // Sets masked scores of a diagonal block to -inf (bottom-right causal).
-LIFT_INLINE void mask_block(const AttnParams& p, int64_t i0, int64_t j0, int cols, float* st) {
+LIFT_INLINE void mask_block(const AttnParams& p, int64_t i0, int64_t j0, int cols, int np,
+                            float* st) {
   if (!p.causal || j0 + cols - 1 <= i0 + p.nk - p.nq) return;
   for (int jj = 0; jj < cols; ++jj)
-    for (int r = 0; r < kBM; ++r)
+    for (int r = 0; r < np; ++r)
       if (!causal_visible(i0 + r, j0 + jj, p.nq, p.nk)) st[jj * kBM + r] = -INFINITY;
 }
 
@@ -60,9 +61,11 @@ LIFT_INLINE void forward_head(const AttnParams& p, const PackedWeights& w, const
 
   for (int64_t i0 = 0; i0 < p.nq; i0 += kBM) {
     const int rows = static_cast<int>(std::min<int64_t>(kBM, p.nq - i0));
+    // Rows computed: whole vectors, so a short tile (decode: Nq = 1) costs 16 rows, not 64.
+    const int np = static_cast<int>(pad16(rows));
     load_tile<T>(p.q, b * p.q_stride.batch + i0 * p.q_stride.row + h * p.q_stride.head,
                  p.q_stride.row, rows, D, s.qf.data(), dp, kBM);
-    memory_and_gate(p, w, h, s);
+    memory_and_gate(p, w, h, np, s);
 
     // The rotated query, times the softmax scale, transposed: qrt[e][r].
     std::fill(s.qrt.begin(), s.qrt.end(), 0.f);
@@ -84,31 +87,31 @@ LIFT_INLINE void forward_head(const AttnParams& p, const PackedWeights& w, const
     for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
       const int cols = static_cast<int>(std::min<int64_t>(kBN, kend - j0));
       float* st = s.st.data();
-      gemm_nn(cols, kBM, dp, K + j0 * dp, dp, s.qrt.data(), kBM, st, kBM, false);
-      mask_block(p, i0, j0, cols, st);
+      gemm_nn(cols, np, dp, K + j0 * dp, dp, s.qrt.data(), kBM, st, kBM, false);
+      mask_block(p, i0, j0, cols, np, st);
 
       // Online softmax: new row max, rescale factor, exponentials, row sums.
       float mb[kBM], rowsum[kBM];
-      for (int r = 0; r < kBM; ++r) mb[r] = s.m[r];
+      for (int r = 0; r < np; ++r) mb[r] = s.m[r];
       for (int jj = 0; jj < cols; ++jj)
-        for (int r = 0; r < kBM; ++r) mb[r] = mb[r] > st[jj * kBM + r] ? mb[r] : st[jj * kBM + r];
-      for (int r = 0; r < kBM; ++r) {
+        for (int r = 0; r < np; ++r) mb[r] = mb[r] > st[jj * kBM + r] ? mb[r] : st[jj * kBM + r];
+      for (int r = 0; r < np; ++r) {
         s.alpha[r] = softmax_rescale(s.m[r], mb[r]);
         s.m[r] = mb[r];
         s.msafe[r] = softmax_safe_max(mb[r]);
         rowsum[r] = 0.f;
       }
       for (int jj = 0; jj < cols; ++jj)
-        for (int r = 0; r < kBM; ++r) {
+        for (int r = 0; r < np; ++r) {
           const float e = exp_neg(st[jj * kBM + r] - s.msafe[r]);
           st[jj * kBM + r] = e;
           rowsum[r] += e;
         }
-      for (int r = 0; r < kBM; ++r) {
+      for (int r = 0; r < np; ++r) {
         s.l[r] = s.l[r] * s.alpha[r] + rowsum[r];
         for (int c = 0; c < dp; ++c) s.o[r * dp + c] *= s.alpha[r];
       }
-      gemm_tn(kBM, dp, cols, st, kBM, V + j0 * dp, dp, s.o.data(), dp, true);
+      gemm_tn(np, dp, cols, st, kBM, V + j0 * dp, dp, s.o.data(), dp, true);
     }
 
     for (int r = 0; r < rows; ++r) {
