@@ -10,6 +10,9 @@
 // of a GQA group) and the weight gradients (shared by the batch) are written as per-item
 // partials and summed afterwards in a fixed order.  No atomics, so the backward is always
 // bit-reproducible: deterministic=True costs nothing here.
+// Scheduling differs from the GPU, not the math: one CPU thread owns a whole head, so it
+// accumulates dQ during the key-block loop (FA2's loop order) where the CUDA code, whose
+// blocks own key blocks, runs a separate dQ kernel instead of atomics.
 #include "cpu/cpu_common.h"
 
 namespace lift {
