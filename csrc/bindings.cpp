@@ -1,11 +1,100 @@
 // pybind11 bindings of lift_kernels._C: a handful of functions, nothing else.
+//
+// The kernels take an AttnParams (gated_attention.h).  Python (lift_kernels/ops/cext.py)
+// fills it as a dict: tensors as integer data pointers (0 for an absent one), strides as
+// (batch, row, head) tuples in elements, the rest as numbers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "build_info.h"
+#include "cpu/cpu_common.h"
+#include "gated_attention.h"
+#ifdef LIFT_KERNELS_WITH_CUDA
+#include "cuda/launch.h"
+#endif
 
 namespace py = pybind11;
+
+namespace {
+
+template <class T>
+T* pointer(const py::dict& d, const char* key) {
+  if (!d.contains(key)) throw std::invalid_argument(std::string("missing field ") + key);
+  return reinterpret_cast<T*>(d[key].cast<uintptr_t>());
+}
+
+lift::Strides strides(const py::dict& d, const char* key) {
+  if (!d.contains(key)) return {};
+  const auto s = d[key].cast<std::tuple<int64_t, int64_t, int64_t>>();
+  return {std::get<0>(s), std::get<1>(s), std::get<2>(s)};
+}
+
+lift::AttnParams params_from(const py::dict& d, bool backward) {
+  lift::AttnParams p;
+  p.batch = d["batch"].cast<int64_t>();
+  p.nq = d["nq"].cast<int64_t>();
+  p.nk = d["nk"].cast<int64_t>();
+  p.hq = d["hq"].cast<int64_t>();
+  p.hkv = d["hkv"].cast<int64_t>();
+  p.head_dim = d["head_dim"].cast<int64_t>();
+  p.mem_hidden = d["mem_hidden"].cast<int64_t>();
+  p.gate_hidden = d["gate_hidden"].cast<int64_t>();
+  const int dtype = d["dtype"].cast<int>();
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype must be 0 (f32), 1 (f16) or 2 (bf16)");
+  p.dtype = static_cast<lift::DType>(dtype);
+  if (p.batch < 1 || p.nq < 1 || p.nk < 1 || p.hq < 1 || p.hkv < 1 || p.hq % p.hkv != 0 ||
+      p.head_dim < 1 || p.mem_hidden < 1 || p.gate_hidden < 1)
+    throw std::invalid_argument("sizes must be positive and hq a multiple of hkv");
+  p.q = pointer<const void>(d, "q");
+  p.k = pointer<const void>(d, "k");
+  p.v = pointer<const void>(d, "v");
+  p.q_stride = strides(d, "q_stride");
+  p.k_stride = strides(d, "k_stride");
+  p.v_stride = strides(d, "v_stride");
+  p.w1 = pointer<const float>(d, "w1");
+  p.b1 = pointer<const float>(d, "b1");
+  p.w2 = pointer<const float>(d, "w2");
+  p.b2 = pointer<const float>(d, "b2");
+  p.g1 = pointer<const float>(d, "g1");
+  p.c1 = pointer<const float>(d, "c1");
+  p.g2 = pointer<const float>(d, "g2");
+  p.cos = pointer<const float>(d, "cos");
+  p.sin = pointer<const float>(d, "sin");
+  if (p.cos && p.head_dim % 2) throw std::invalid_argument("RoPE needs an even head dim");
+  p.rope_batch_stride = d["rope_batch_stride"].cast<int64_t>();
+  p.rope_row_stride = d["rope_row_stride"].cast<int64_t>();
+  p.out = pointer<void>(d, "out");
+  p.attn = pointer<void>(d, "attn");
+  p.gate = pointer<float>(d, "gate");
+  p.lse = pointer<float>(d, "lse");
+  p.scale = d["scale"].cast<float>();
+  p.gate_scale = d["gate_scale"].cast<float>();
+  p.gate_shift = d["gate_shift"].cast<float>();
+  p.causal = d["causal"].cast<bool>();
+  p.stream = d.contains("stream") ? d["stream"].cast<int64_t>() : 0;
+  if (backward) {
+    p.dout = pointer<const void>(d, "dout");
+    p.dout_stride = strides(d, "dout_stride");
+    p.dgate = pointer<const float>(d, "dgate");
+    p.dq = pointer<void>(d, "dq");
+    p.dk = pointer<void>(d, "dk");
+    p.dv = pointer<void>(d, "dv");
+    p.dw1 = pointer<float>(d, "dw1");
+    p.db1 = pointer<float>(d, "db1");
+    p.dw2 = pointer<float>(d, "dw2");
+    p.db2 = pointer<float>(d, "db2");
+    p.dg1 = pointer<float>(d, "dg1");
+    p.dc1 = pointer<float>(d, "dc1");
+    p.dg2 = pointer<float>(d, "dg2");
+    p.workspace = d.contains("workspace") ? pointer<void>(d, "workspace") : nullptr;
+  }
+  return p;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lift_kernels compiled kernels (CPU always; CUDA when built with nvcc)";
@@ -22,4 +111,32 @@ PYBIND11_MODULE(_C, m) {
   }, "What this build contains: version, compiler, OpenMP, CUDA and its architectures.");
   m.def("cuda_device_count", &lift::cuda_device_count,
         "Number of CUDA devices the runtime sees (0 without CUDA code, driver or GPU).");
+
+  m.def("cpu_forward", [](const py::dict& fields) {
+    const lift::AttnParams p = params_from(fields, false);
+    py::gil_scoped_release release;
+    lift::cpu::forward(p);
+  }, "CPU forward: writes out, attn, gate, lse (fields: see gated_attention.h).");
+  m.def("cpu_backward", [](const py::dict& fields) {
+    const lift::AttnParams p = params_from(fields, true);
+    py::gil_scoped_release release;
+    lift::cpu::backward(p);
+  }, "CPU backward: writes dq, dk, dv and the float32 weight gradients.");
+#ifdef LIFT_KERNELS_WITH_CUDA
+  m.def("cuda_forward", [](const py::dict& fields) {
+    const lift::AttnParams p = params_from(fields, false);
+    py::gil_scoped_release release;
+    lift::cuda::forward(p);
+  }, "CUDA forward on the given stream (same fields as cpu_forward).");
+  m.def("cuda_backward", [](const py::dict& fields) {
+    const lift::AttnParams p = params_from(fields, true);
+    py::gil_scoped_release release;
+    lift::cuda::backward(p);
+  }, "CUDA backward on the given stream (same fields as cpu_backward).");
+  m.def("cuda_supports", &lift::cuda::supports,
+        "Why the CUDA kernels cannot serve (head_dim, dtype code, mem_hidden), or ''.");
+  m.def("cuda_workspace_bytes", [](const py::dict& fields) {
+    return lift::cuda::backward_workspace_bytes(params_from(fields, false));
+  }, "Bytes of device workspace cuda_backward needs (passed as the 'workspace' field).");
+#endif
 }

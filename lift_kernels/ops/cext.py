@@ -1,0 +1,170 @@
+"""The ``cpu`` and ``cuda`` backends: thin calls into the compiled ``lift_kernels._C``.
+
+``_C`` links no libtorch, so this module does what a torch extension would do in C++:
+it allocates every output with torch, makes the layouts the kernels accept (the last dim
+contiguous; the weights float32 and contiguous), and hands over raw pointers, sizes,
+strides (in elements), the dtype and, on CUDA, the current stream.
+
+Contract (function.py's module docstring): ``forward`` returns (out, gate, lse, attn) and
+``backward`` the ten gradients.  Shapes: q [B, Nq, Hq, D]; k, v [B, Nk, Hkv, D]; weights as
+in SPEC section 1; cos/sin [B, Nq, D] float32 or None.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from .. import _C
+except ImportError as err:  # a source tree without the compiled module
+    _C = None
+    _IMPORT_ERROR = err
+else:
+    _IMPORT_ERROR = None
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The CUDA kernels' tiles are 16-bit (csrc/cuda/launch.h lists the head dims).
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def unsupported_reason(name: str, problem) -> str | None:
+    """Why backend `name` ("cpu" or "cuda") cannot serve `problem`, or None."""
+    if _C is None:
+        return f"lift_kernels._C is not built ({_IMPORT_ERROR})"
+    if name == "cpu":
+        if problem.device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got device {problem.device}"
+        if problem.dtype not in _DTYPE_CODES:
+            return f"the cpu backend supports float32, float16 and bfloat16, got {problem.dtype}"
+        return None
+    if name == "cuda":
+        if problem.device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got device {problem.device}"
+        if not _C.build_info()["cuda"]:
+            return "lift_kernels._C was built without CUDA (nvcc was not found at build time)"
+        if problem.dtype not in CUDA_DTYPES:
+            return (f"the cuda backend runs float16/bfloat16 tensor-core tiles, got "
+                    f"{problem.dtype} (use triton or torch)")
+        reason = _C.cuda_supports(problem.head_dim, _DTYPE_CODES[problem.dtype],
+                                  problem.mem_hidden)
+        if reason:
+            return reason
+        if _C.cuda_device_count() == 0:
+            return "the CUDA runtime of lift_kernels._C sees no GPU"
+        major, _ = torch.cuda.get_device_capability(problem.device)
+        if major < 8:
+            return f"the cuda kernels need compute capability >= 8.0 (sm_80), got {major}.x"
+        return None
+    return f"lift_kernels.ops.cext serves 'cpu' and 'cuda', not {name!r}"
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _weight(t):
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _strides(t):
+    return (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
+            gate_shift):
+    """The AttnParams fields shared by forward and backward, and the tensors they point to
+    (kept alive by the caller for the duration of the call)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    weights = [_weight(t) for t in (w1, b1, w2, b2, g1, c1, g2)]
+    if cos is not None:
+        cos = _last_dim_contiguous(cos.to(torch.float32))
+        sin = _last_dim_contiguous(sin.to(torch.float32))
+        if cos.stride() != sin.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+    batch, nq, hq, d = q.shape
+    fields = dict(
+        batch=batch, nq=nq, nk=k.shape[1], hq=hq, hkv=k.shape[2], head_dim=d,
+        mem_hidden=w1.shape[2], gate_hidden=g1.shape[2], dtype=_DTYPE_CODES[q.dtype],
+        q=_ptr(q), k=_ptr(k), v=_ptr(v),
+        q_stride=_strides(q), k_stride=_strides(k), v_stride=_strides(v),
+        cos=_ptr(cos), sin=_ptr(sin),
+        rope_batch_stride=cos.stride(0) if cos is not None else 0,
+        rope_row_stride=cos.stride(1) if cos is not None else 0,
+        scale=float(scale), gate_scale=float(gate_scale), gate_shift=float(gate_shift),
+        causal=bool(causal),
+        stream=torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0,
+    )
+    for key, t in zip(("w1", "b1", "w2", "b2", "g1", "c1", "g2"), weights):
+        fields[key] = _ptr(t)
+    return fields, [q, k, v, cos, sin, *weights]
+
+
+def _call(name: str, direction: str, fields: dict, device: torch.device):
+    fn = getattr(_C, f"{name}_{direction}")
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            fn(fields)
+    else:
+        fn(fields)
+
+
+def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
+            gate_shift):
+    """Returns out [B, Nq, Hq, D], gate [B, Nq, Hq] float32, lse [B, Hq, Nq] float32 and
+    attn [B, Nq, Hq, D] (the attention-only output the backward reads)."""
+    fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
+                           gate_scale, gate_shift)
+    batch, nq, hq, _ = q.shape
+    out = _alloc(q.shape, q.dtype, q.device)
+    attn = _alloc(q.shape, q.dtype, q.device)
+    gate = _alloc((batch, nq, hq), torch.float32, q.device)
+    lse = _alloc((batch, hq, nq), torch.float32, q.device)
+    fields.update(out=_ptr(out), attn=_ptr(attn), gate=_ptr(gate), lse=_ptr(lse))
+    _call(name, "forward", fields, q.device)
+    del keep
+    return out, gate, lse, attn
+
+
+def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse,
+             attn, causal, scale, gate_scale, gate_shift, deterministic):
+    """Returns (dq, dk, dv, dw1, db1, dw2, db2, dg1, dc1, dg2), each in its input's dtype,
+    None for an absent bias.  dgate [B, Nq, Hq] may be None.
+
+    `deterministic` asks nothing of these kernels: both reduce every sum in a fixed order
+    without atomics, so their backward is always bit-reproducible."""
+    del deterministic
+    fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
+                           gate_scale, gate_shift)
+    dout = _last_dim_contiguous(dout.to(q.dtype))
+    gate, lse = gate.float().contiguous(), lse.float().contiguous()
+    attn = attn.to(q.dtype).contiguous()
+    if dgate is not None:
+        dgate = dgate.to(torch.float32).contiguous()
+    dq = _alloc(q.shape, q.dtype, q.device)
+    dk = _alloc(k.shape, q.dtype, q.device)
+    dv = _alloc(k.shape, q.dtype, q.device)
+    weights = (w1, b1, w2, b2, g1, c1, g2)
+    wgrads = [None if w is None else _alloc(w.shape, torch.float32, q.device) for w in weights]
+    fields.update(
+        dout=_ptr(dout), dout_stride=_strides(dout), dgate=_ptr(dgate), gate=_ptr(gate),
+        lse=_ptr(lse), attn=_ptr(attn), out=0, dq=_ptr(dq), dk=_ptr(dk), dv=_ptr(dv))
+    for key, g in zip(("dw1", "db1", "dw2", "db2", "dg1", "dc1", "dg2"), wgrads):
+        fields[key] = _ptr(g)
+    workspace = None
+    if name == "cuda":  # the CUDA backward's scratch rows (O(N)), allocated here like all else
+        workspace = torch.empty(_C.cuda_workspace_bytes(fields), dtype=torch.uint8,
+                                device=q.device)
+        fields["workspace"] = _ptr(workspace)
+    _call(name, "backward", fields, q.device)
+    del keep
+    wgrads = [None if g is None else g.to(w.dtype) for g, w in zip(wgrads, weights)]
+    return (dq, dk, dv, *wgrads)
