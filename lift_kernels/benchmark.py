@@ -278,13 +278,14 @@ def _rss_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
+def _reset_peak_rss() -> None:
+    """VmHWM := the current RSS (Linux >= 4.0).  Where that is refused, the peak is the
+    child's since it was forked, which is still at least its baseline."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
+            f.write("5")
     except OSError:
-        return False
+        pass
 
 
 class _Clock:
