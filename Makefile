@@ -49,5 +49,10 @@ bench-quick: build
 bench: build
 	$(PY) bench/kernels.py
 
+# On a GPU machine (python3 with torch, triton, transformers; nvcc): build, GPU tests,
+# benchmarks, LIFT step; everything lands in bench/out/gpu_check.
+gpu-check:
+	bench/gpu_check.sh bench/out/gpu_check
+
 clean:
 	rm -rf build $(VENV) lift_kernels/_C*.so *.egg-info

@@ -143,7 +143,7 @@ if bench:
         if f["status"] != "ok":
             print(f"{name:<10} {n:>6} {f['status']}: {f['note'][:70]}")
             continue
-        print(f"{name:<10} {n:>6} {f['ms']:>8.2f} {fb['ms']:>8.2f} {fmt(f['tflops'], '.0f'):>9} "
+        print(f"{name:<10} {n:>6} {f['ms']:>8.2f} {fb['ms']:>8.2f} {fmt(f['tflops'], '.3g'):>9} "
               f"{fmt(fb['speedup_vs_reference']):>6} {fmt(fb['speedup_vs_torch']):>7} "
               f"{fmt(fb['time_over_sdpa']):>6} {fmt(fb['mem_over_sdpa']):>6}")
 lift = load("lift_step.json")

@@ -294,7 +294,8 @@ def build_parser():
     parser.add_argument("--qa-len", type=int, default=128, help="tokens per QA sample")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per length")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads: torch's and OMP_NUM_THREADS (default: all cores)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--smoke", action="store_true",
                         help="a 2-layer model, 64-token segments, 1 step: proves the harness")
@@ -304,6 +305,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    benchmark.limit_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = args.device == "cuda"
     if args.smoke:

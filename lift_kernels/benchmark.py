@@ -278,13 +278,14 @@ def _rss_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
+def _reset_peak_rss() -> None:
+    """VmHWM := the current RSS (Linux >= 4.0).  Where that is refused, the peak is the
+    child's since it was forked, which is still at least its baseline."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
+            f.write("5")
     except OSError:
-        return False
+        pass
 
 
 class _Clock:
@@ -705,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the sweep's dtypes")
     parser.add_argument("--backends", type=lambda s: s.split(","), metavar="NAME[,NAME...]",
                         help="default: the baselines plus every available backend")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads: torch's and OMP_NUM_THREADS (default: all cores)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None,
                         help="most timed repeats per pass (default 10 CPU, 30 CUDA)")
@@ -746,8 +748,17 @@ def select_shapes(args, device) -> list:
     return list(dict.fromkeys(shapes))
 
 
+def limit_threads(threads) -> None:
+    """torch's CPU threads, and OMP_NUM_THREADS for compiled extensions with their own
+    OpenMP runtime (read when it loads, so call this before any backend is imported)."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    limit_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)

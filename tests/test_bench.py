@@ -63,7 +63,18 @@ def test_ratios_are_computed_within_one_run():
     assert rows[4]["speedup_vs_reference"] is None
 
 
-def test_quick_cli_writes_rows_json_csv_and_plot(tmp_path, capsys):
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """main(--threads N) sets torch's threads and OMP_NUM_THREADS: undo both afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_cli_writes_rows_json_csv_and_plot(tmp_path, capsys, restore_threads):
     paths = {k: tmp_path / f"bench.{k}" for k in ("json", "csv", "png")}
     code = benchmark.main(["--sweep", "smoke", "--device", "cpu", *FAST,
                            "--json", str(paths["json"]), "--csv", str(paths["csv"]),
@@ -136,7 +147,7 @@ def test_count_segments(lift_step):
     assert count(2817, 2048, 768) == 3
 
 
-def test_lift_step_smoke(lift_step, tmp_path, monkeypatch, capsys):
+def test_lift_step_smoke(lift_step, tmp_path, monkeypatch, capsys, restore_threads):
     pytest.importorskip("transformers")
     import lift_kernels.hf.patch as patch
 
