@@ -3,13 +3,12 @@
 
     nice -n 10 python -m lift_kernels.demo_model.pretrain [--steps N] [--out FILE]
 
-The corpus is filler with facts ("the access code of the <city> <place> is <code> .") that are
-stated once and then restated later in the same sequence, with random codes per sequence.  A
-first statement's code is unpredictable; a restated one can be copied.  Learning to copy makes
-the base carry the fact's key (city, place) into the query of the position that predicts the
-code, which is what Gated Memory reads: after LIFT the memory answers that query with the
-code, as attention would if the fact were in the context.  The demo's own needles are never
-emitted.  Seeded: the same seed, step count and thread count re-create the same weights.
+The shipped file: the defaults (seed 0, 1000 steps of 8 x 256 tokens, AdamW lr 5e-3 with
+warm-up and cosine decay, 1 thread), about 8 minutes on one busy CPU core.  The corpus
+teaches the base to carry a fact's city into the position that predicts its code (the
+city's digit-pair prefix: greedy accuracy 0.98 at the end) and offers a copy lesson
+(restated facts), which this small budget does not learn (copy accuracy <= 0.04).
+Seeded: the same seed, step count and thread count re-create the same weights.
 """
 
 from __future__ import annotations
@@ -122,15 +121,15 @@ def pretrain(steps: int, seed: int, batch_size: int, lr: float, log_every: int =
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (float sums depend on it: keep it to re-create the weights; "
                              "1 is also the fastest for this tiny model)")
     parser.add_argument("--out", default=str(WEIGHTS))
-    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--checkpoints", metavar="PREFIX",
                         help="also save PREFIX.stepN.safetensors at every log line")
     args = parser.parse_args(argv)

@@ -4,16 +4,16 @@ document, all generated from seeded random draws (nothing is downloaded).
 Three kinds of sentence make up every text:
 
 * filler: short random sentences about places and things ("the quiet river passes the old
-  mill ."), the haystack;
+  mill ."), the haystack (the demo document's filler names no city);
 * facts: "the access code of the <city> <place> is <code> ." with a 4-digit code, which the
-  word-level tokenizer splits into two digit-pair tokens ("72", "94");
-* in the pretraining corpus only, restatements of facts stated earlier in the same sequence.
-  They are what teaches the base model to carry the fact's key (city and place) into the
-  position that predicts the code and to copy the code from wherever the key was seen: the
-  ability that Gated Memory reuses when the fact is no longer in the context.
+  word-level tokenizer splits into two digit-pair tokens ("72", "94").  In the pretraining
+  corpus every code starts with its city's own digit pair (CITY_PREFIX, like an area code):
+  predicting it forces the base to carry the city into the position that predicts the
+  code, where Gated Memory reads its query.  The demo's needles break that rule;
+* in the pretraining corpus only, restatements of facts stated earlier in the same sequence
+  (a copy lesson: a restated code can be copied from the context).
 
-The demo's needles use the same template with codes drawn from their own seed; the
-pretraining generator never emits a demo needle (see ``pretraining_sequence``).
+The pretraining generator never emits a demo needle (see ``pretraining_sequence``).
 """
 
 from __future__ import annotations
@@ -73,10 +73,13 @@ def vocabulary() -> list[str]:
     return words
 
 
-def filler_sentence(rng: random.Random) -> str:
-    """One random haystack sentence."""
+CITY_FREE_FORMS = (0, 2, 5)
+
+
+def filler_sentence(rng: random.Random, forms=range(6)) -> str:
+    """One random haystack sentence of one of ``forms`` (CITY_FREE_FORMS name no city)."""
     a, n, c = rng.choice, rng.choice, rng.choice
-    form = rng.randrange(6)
+    form = rng.choice(forms)
     if form == 0:
         return f"the {a(ADJECTIVES)} {n(NOUNS)} {c(VERBS)} the {a(ADJECTIVES)} {n(NOUNS)} ."
     if form == 1:
@@ -141,18 +144,12 @@ def needles(seed: int = DOCUMENT_SEED) -> list[tuple[str, str, str]]:
     return out
 
 
-def document(seed: int = DOCUMENT_SEED, filler_sentences: int = 820,
-             pool: int | None = None) -> tuple[str, list]:
-    """The demo document: ``filler_sentences`` haystack sentences with the needles buried in
-    its middle fifth, each once.  ``pool``: draw the haystack from that many distinct
-    sentences (None: every sentence fresh).  Returns (text, needles)."""
+def document(seed: int = DOCUMENT_SEED, filler_sentences: int = 820) -> tuple[str, list]:
+    """The demo document: ``filler_sentences`` haystack sentences that name no city, with the
+    needles buried in its middle fifth, each once.  Returns (text, needles)."""
     rng = random.Random(seed + 1)
     facts = needles(seed)
-    if pool is None:
-        sentences = [filler_sentence(rng) for _ in range(filler_sentences)]
-    else:
-        distinct = [filler_sentence(rng) for _ in range(pool)]
-        sentences = [rng.choice(distinct) for _ in range(filler_sentences)]
+    sentences = [filler_sentence(rng, CITY_FREE_FORMS) for _ in range(filler_sentences)]
     lo, hi = int(0.4 * filler_sentences), int(0.6 * filler_sentences)
     slots = sorted(rng.sample(range(lo, hi), len(facts)))
     for offset, (slot, fact) in enumerate(zip(slots, facts)):
