@@ -12,6 +12,7 @@ Trainer driving the same adapter for users who want its ecosystem instead."""
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -86,7 +87,9 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
             for group in step_groups(len(phase.samples), f"{config.seed}:{i}:{epoch}",
                                      config.steps_per_epoch)]
     passes = sum(len(shard.indices) + shard.padding for *_, shard in plan)
+    # Redrawn often on a terminal, rarely in a log file (CI, redirected output).
     bar = tqdm(total=passes, desc="absorb", unit="sample", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0,
                disable=not (progress and ctx.is_main))
     rate_label = "tok/s/rank" if ctx.distributed else "tok/s"
     stats = TrainStats()
