@@ -28,8 +28,9 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def _kernels():
     from lift_kernels.ops import triton_bwd, triton_fwd
-    return {"fwd": triton_fwd.gated_attention_fwd_kernel.fn, "preprocess": triton_bwd.preprocess_kernel,
-            "dkdv": triton_bwd.dkdv_kernel, "dq": triton_bwd.dq_kernel}
+    return {"fwd": triton_fwd.gated_attention_fwd_kernel.fn,
+            "preprocess": triton_bwd.preprocess_kernel, "dkdv": triton_bwd.dkdv_kernel,
+            "dq": triton_bwd.dq_kernel}
 
 
 def compile_kernel(kind, dtype, head_dim, config, bias=True, rope=True, causal=True):

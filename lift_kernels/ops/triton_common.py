@@ -137,9 +137,11 @@ def load_query(Q, COS, SIN, b, start, offs_d, mask, stride_qn, stride_qd, stride
         sign = tl.where(offs_d < half, -1.0, 1.0)
         q_partner = tl.load(Q + rows[:, None] * stride_qn + partner[None, :] * stride_qd,
                             mask=mask, other=0.0).to(tl.float32)
-        cos = tl.load(COS + b * stride_cb + start * stride_cn + rows[:, None] * stride_cn + offs_d[None, :] * stride_cd, mask=mask,
+        cos = tl.load(COS + b * stride_cb + start * stride_cn + rows[:, None] * stride_cn
+                      + offs_d[None, :] * stride_cd, mask=mask,
                       other=0.0)
-        sin = tl.load(SIN + b * stride_sb + start * stride_sn + rows[:, None] * stride_sn + offs_d[None, :] * stride_sd, mask=mask,
+        sin = tl.load(SIN + b * stride_sb + start * stride_sn + rows[:, None] * stride_sn
+                      + offs_d[None, :] * stride_sd, mask=mask,
                       other=0.0)
         q_rot = q * cos + sign[None, :] * q_partner * sin
     else:
