@@ -98,6 +98,20 @@ def test_deterministic_matches_reference_and_is_bit_identical():
         assert torch.equal(a, b)
 
 
+def test_float32_dots_follow_torch_matmul_precision():
+    """float32 dots are exact by default and TF32 (<= 2e-3) when torch allows it."""
+    from lift_kernels.ops.triton_common import dot_precision
+    q = torch.empty(0)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        assert dot_precision({"Q": q}) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision({"Q": q}) == "tf32"
+        check_against_oracle("triton", BASE.but(nq=20, nk=20), seed=11, tol=2e-3, device=DEVICE)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_rows_that_see_no_key():
     """Causal with Nq > Nk: the first Nq - Nk queries see no key.  Their attention is 0 and
     their log-sum-exp -inf (never NaN); the others' log-sum-exp matches the scores'."""
