@@ -69,6 +69,8 @@ def configs(kind):
         if kind != "dkdv":
             tile["BLOCK_H"] = 32
         return [triton.Config(tile, num_warps=4, num_stages=1)]
+    # Each list starts with the configuration that spilled least in an sm_90a compile at
+    # D=128, bf16 (tests/test_triton_compile.py); deterministic mode uses it untimed.
     out = []
     if kind == "fwd":
         for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
@@ -77,13 +79,13 @@ def configs(kind):
                 out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh},
                                          num_warps=warps, num_stages=stages))
     elif kind == "dkdv":
-        for bm, bn, warps, stages in ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3),
+        for bm, bn, warps, stages in ((32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
                                       (64, 64, 4, 2), (16, 64, 4, 2)):
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
                                      num_stages=stages))
     else:  # dq: also runs the memory and gate backward on its query tile
-        for bm, bn, bh, warps, stages in ((128, 32, 32, 8, 2), (64, 64, 32, 4, 3),
-                                          (64, 32, 64, 4, 2), (64, 32, 32, 4, 2),
+        for bm, bn, bh, warps, stages in ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2),
+                                          (64, 64, 32, 4, 3), (64, 32, 64, 4, 2),
                                           (32, 64, 32, 4, 2)):
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh},
                                      num_warps=warps, num_stages=stages))
