@@ -88,9 +88,9 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
     return out, gate, lse, attn
 
 
-def _fixed_config(kind, head_dim):
+def _fixed_config(kind, q):
     """The configuration deterministic mode uses: the first one autotuning would try."""
-    config = prune_by_head_dim(configs(kind), {}, HEAD_DIM=head_dim)[0]
+    config = prune_by_head_dim(configs(kind), {"Q": q}, HEAD_DIM=q.shape[3])[0]
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -127,7 +127,7 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
                  hq // hkv, scale, seq_bucket(nq, nk))
     dkdv_consts = dict(HEAD_DIM=d, CAUSAL=causal)
     if deterministic:
-        fixed = _fixed_config("dkdv", d)
+        fixed = _fixed_config("dkdv", q)
         dkdv_kernel[(batch * hkv, triton.cdiv(nk, fixed["BLOCK_N"]))](
             *dkdv_args, **dkdv_consts, **fixed)
     else:
@@ -136,7 +136,7 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
 
     dq = _new(q.shape, q.dtype, q.device)
     if deterministic:
-        fixed = _fixed_config("dq", d)
+        fixed = _fixed_config("dq", q)
         slots = _deterministic_slots(q.device, batch * triton.cdiv(nq, fixed["BLOCK_M"]), hq)
     else:
         slots = 1
