@@ -205,6 +205,10 @@ def test_unsupported_reasons(monkeypatch):
     assert triton_attention.unsupported_reason("triton", problem) is None
     assert "head dim" in triton_attention.unsupported_reason(
         "triton", replace(problem, head_dim=512))
+    on_gpu = replace(problem, device=torch.device("cuda", 0), head_dim=256)
+    assert "float32" in triton_attention.unsupported_reason("triton", on_gpu)
+    assert triton_attention.unsupported_reason(
+        "triton", replace(on_gpu, dtype=torch.bfloat16)) is None
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET=1" in triton_attention.unsupported_reason("triton", problem)
     monkeypatch.setattr(triton_attention, "triton", None)

@@ -113,7 +113,10 @@ def prune_by_head_dim(configs, named_args, **kwargs):
                 and (d <= 128 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs.get("BLOCK_H", 0) <= 32))]
     q = named_args.get("Q")
     if q is not None and q.dtype == torch.float32:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
+        # Software-pipelined fp32 tiles overflow shared memory (a 3-stage dK/dV tile at
+        # D=256 asked for 533 KB): one stage.
+        kept = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in kept
+                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
     return kept or configs[-1:]
 
 
