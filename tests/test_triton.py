@@ -98,6 +98,20 @@ def test_deterministic_matches_reference_and_is_bit_identical():
         assert torch.equal(a, b)
 
 
+def test_float32_dots_follow_torch_matmul_precision():
+    """float32 dots are exact by default and TF32 (<= 2e-3) when torch allows it."""
+    from lift_kernels.ops.triton_common import dot_precision
+    q = torch.empty(0)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        assert dot_precision({"Q": q}) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision({"Q": q}) == "tf32"
+        check_against_oracle("triton", BASE.but(nq=20, nk=20), seed=11, tol=2e-3, device=DEVICE)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_rows_that_see_no_key():
     """Causal with Nq > Nk: the first Nq - Nk queries see no key.  Their attention is 0 and
     their log-sum-exp -inf (never NaN); the others' log-sum-exp matches the scores'."""
@@ -116,6 +130,21 @@ def test_rows_that_see_no_key():
     visible = torch.arange(case.nk) <= torch.arange(case.nq)[:, None] - blind
     expected = scores.masked_fill(~visible.to(scores.device), float("-inf")).logsumexp(-1)
     assert rel_err(lse[:, :, blind:], expected[:, :, blind:]) < 1e-6
+
+
+def test_per_batch_rope_positions():
+    """cos/sin [B, Nq, D] with different positions per batch element (e.g. left padding)."""
+    case = BASE.but(batch=2, nq=19, nk=19, bias=True)
+    inputs = make_inputs(case, 9, DEVICE)
+    tables = [rope_tables(case.nq, case.head_dim, offset=off) for off in (0, 5)]
+    inputs["cos"] = torch.stack([c for c, _ in tables]).to(DEVICE)
+    inputs["sin"] = torch.stack([s_ for _, s_ in tables]).to(DEVICE)
+    out, gate, grads = run("triton", case, inputs)
+    ref_out, ref_gate, ref_grads = run("oracle", case, inputs, upcast=torch.float64)
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(gate, ref_gate) < 1e-5
+    for n in NAMES:
+        if ref_grads[n] is not None:
+            assert rel_err(grads[n], ref_grads[n]) < 1e-5, n
 
 
 def _strided_inputs(case: Case, seed: int):
@@ -176,6 +205,10 @@ def test_unsupported_reasons(monkeypatch):
     assert triton_attention.unsupported_reason("triton", problem) is None
     assert "head dim" in triton_attention.unsupported_reason(
         "triton", replace(problem, head_dim=512))
+    on_gpu = replace(problem, device=torch.device("cuda", 0), head_dim=256)
+    assert "float32" in triton_attention.unsupported_reason("triton", on_gpu)
+    assert triton_attention.unsupported_reason(
+        "triton", replace(on_gpu, dtype=torch.bfloat16)) is None
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET=1" in triton_attention.unsupported_reason("triton", problem)
     monkeypatch.setattr(triton_attention, "triton", None)

@@ -28,8 +28,9 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def _kernels():
     from lift_kernels.ops import triton_bwd, triton_fwd
-    return {"fwd": triton_fwd.gated_attention_fwd_kernel.fn, "preprocess": triton_bwd.preprocess_kernel,
-            "dkdv": triton_bwd.dkdv_kernel, "dq": triton_bwd.dq_kernel}
+    return {"fwd": triton_fwd.gated_attention_fwd_kernel.fn,
+            "preprocess": triton_bwd.preprocess_kernel, "dkdv": triton_bwd.dkdv_kernel,
+            "dq": triton_bwd.dq_kernel}
 
 
 def compile_kernel(kind, dtype, head_dim, config, bias=True, rope=True, causal=True):
@@ -96,12 +97,14 @@ def _ptxas_report(ptx):
     return registers, spills
 
 
-def _configs(kind, head_dim, first_only):
+def _configs(kind, head_dim, dtype, first_only):
     from lift_kernels.ops.triton_common import configs, prune_by_head_dim
     if kind == "preprocess":
         import triton
         return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
-    kept = prune_by_head_dim(configs(kind), {}, HEAD_DIM=head_dim)
+    import torch
+    q = torch.empty(0, dtype=getattr(torch, TORCH_DTYPES[dtype]), device="meta")
+    kept = prune_by_head_dim(configs(kind), {"Q": q}, HEAD_DIM=head_dim)
     return kept[:1] if first_only else kept
 
 
@@ -110,7 +113,7 @@ def report(dtypes, head_dims, kinds, first_only):
     for dtype in dtypes:
         for d in head_dims:
             for kind in kinds:
-                for config in _configs(kind, d, first_only):
+                for config in _configs(kind, d, dtype, first_only):
                     regs, spills, shared, sec = compile_kernel(kind, dtype, d, config)
                     rows.append((kind, dtype, d, config, regs, spills, shared))
                     print(f"{kind:10s} {dtype:5s} D={d:3d} {str(config.kwargs):45s} "

@@ -3,7 +3,7 @@
 1. `preprocess_kernel`: rowsum(dO * attn) per (batch, head, query).  The attention's
    upstream gradient is dA = (1 - g) * dO, so FA2's delta = rowsum(dA * attn) is
    (1 - g) * rowsum(dO * attn); the gate branch needs rowsum(dO * attn) itself.
-2. `dkdv_kernel`: one program per (block of keys, batch x kv head); it loops over the
+2. `dkdv_kernel`: one program per (batch x kv head, block of keys); it loops over the
    GROUP query heads that read this kv head and over their query blocks, so dK/dV of a GQA
    group are summed in registers (no per-query-head copies, no atomics).
 3. `dq_kernel`: one program per (query tiles, query head): the attention part of dq
@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query, prune_by_head_dim,
-    rope_partner)
+    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query,
+    prune_by_head_dim, rope_partner)
 from .triton_fwd import gate_hidden_tile
 
 
@@ -363,10 +363,12 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DO_
         if HAS_C1:
             accumulate(DC1 + slot_h * GATE_HIDDEN + offs_r, tl.sum(d_gate_hidden, 0), r_ok,
                        DETERMINISTIC)
-        dg1 = tl.dot(tl.trans(q).to(DOT_DTYPE), d_gate_hidden.to(DOT_DTYPE), input_precision=PRECISION)
+        dg1 = tl.dot(tl.trans(q).to(DOT_DTYPE), d_gate_hidden.to(DOT_DTYPE),
+                     input_precision=PRECISION)
         accumulate(DG1 + slot_h * HEAD_DIM * GATE_HIDDEN + offs_d[:, None] * GATE_HIDDEN
                    + offs_r[None, :], dg1, d_ok[:, None] & r_ok[None, :], DETERMINISTIC)
-        dq = tl.dot(d_gate_hidden.to(DOT_DTYPE), tl.trans(g1).to(DOT_DTYPE), dq, input_precision=PRECISION)
+        dq = tl.dot(d_gate_hidden.to(DOT_DTYPE), tl.trans(g1).to(DOT_DTYPE), dq,
+                    input_precision=PRECISION)
 
         tl.store(DQ + tok[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=tile_ok)

@@ -69,21 +69,24 @@ def configs(kind):
         if kind != "dkdv":
             tile["BLOCK_H"] = 32
         return [triton.Config(tile, num_warps=4, num_stages=1)]
+    # Each list starts with the configuration that spilled least in an sm_90a compile at
+    # D=128, bf16 (tests/test_triton_compile.py); deterministic mode uses it untimed.
     out = []
     if kind == "fwd":
         for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
-                                      (64, 64, 4, 4), (64, 32, 4, 3), (128, 32, 8, 2)):
+                                      (64, 64, 4, 4), (64, 32, 8, 3), (64, 32, 4, 3),
+                                      (128, 32, 8, 2)):
             for bh in (32, 64):
                 out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh},
                                          num_warps=warps, num_stages=stages))
     elif kind == "dkdv":
-        for bm, bn, warps, stages in ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3),
-                                      (64, 64, 4, 2), (16, 64, 4, 2)):
+        for bm, bn, warps, stages in ((32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
+                                      (64, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2)):
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
                                      num_stages=stages))
     else:  # dq: also runs the memory and gate backward on its query tile
-        for bm, bn, bh, warps, stages in ((128, 32, 32, 8, 2), (64, 64, 32, 4, 3),
-                                          (64, 32, 64, 4, 2), (64, 32, 32, 4, 2),
+        for bm, bn, bh, warps, stages in ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2),
+                                          (64, 64, 32, 4, 3), (64, 32, 64, 4, 2),
                                           (32, 64, 32, 4, 2)):
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh},
                                      num_warps=warps, num_stages=stages))
@@ -97,15 +100,23 @@ def seq_bucket(nq, nk):
 
 
 def prune_by_head_dim(configs, named_args, **kwargs):
-    """Drop the tiles that cannot fit registers/shared memory at large head dims.  The
-    autotuner passes positional arguments as named_args and keywords (HEAD_DIM) as kwargs."""
+    """Drop the tiles that cannot fit registers/shared memory at large head dims, and the
+    large tiles for float32 inputs (exact fp32 dots run on FMA units, not tensor cores, and
+    a 128 x 64 tile spilled 87 KB in an sm_90a compile).  The autotuner passes positional
+    arguments (Q) as named_args and keywords (HEAD_DIM) as kwargs."""
     d = kwargs["HEAD_DIM"] if "HEAD_DIM" in kwargs else named_args["HEAD_DIM"]
-    if d <= 64:
-        return configs
-    limit = 64 if d <= 128 else 32
-    kept = [c for c in configs
-            if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit
-            and (d <= 128 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs.get("BLOCK_H", 0) <= 32))]
+    kept = configs
+    if d > 64:
+        limit = 64 if d <= 128 else 32
+        kept = [c for c in kept
+                if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit
+                and (d <= 128 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs.get("BLOCK_H", 0) <= 32))]
+    q = named_args.get("Q")
+    if q is not None and q.dtype == torch.float32:
+        # Software-pipelined fp32 tiles overflow shared memory (a 3-stage dK/dV tile at
+        # D=256 asked for 533 KB): one stage.
+        kept = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in kept
+                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
     return kept or configs[-1:]
 
 
@@ -137,9 +148,11 @@ def load_query(Q, COS, SIN, b, start, offs_d, mask, stride_qn, stride_qd, stride
         sign = tl.where(offs_d < half, -1.0, 1.0)
         q_partner = tl.load(Q + rows[:, None] * stride_qn + partner[None, :] * stride_qd,
                             mask=mask, other=0.0).to(tl.float32)
-        cos = tl.load(COS + b * stride_cb + start * stride_cn + rows[:, None] * stride_cn + offs_d[None, :] * stride_cd, mask=mask,
+        cos = tl.load(COS + b * stride_cb + start * stride_cn + rows[:, None] * stride_cn
+                      + offs_d[None, :] * stride_cd, mask=mask,
                       other=0.0)
-        sin = tl.load(SIN + b * stride_sb + start * stride_sn + rows[:, None] * stride_sn + offs_d[None, :] * stride_sd, mask=mask,
+        sin = tl.load(SIN + b * stride_sb + start * stride_sn + rows[:, None] * stride_sn
+                      + offs_d[None, :] * stride_sd, mask=mask,
                       other=0.0)
         q_rot = q * cos + sign[None, :] * q_partner * sin
     else:

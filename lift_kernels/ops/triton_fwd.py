@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query, prune_by_head_dim)
+    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query,
+    prune_by_head_dim)
 
 
 @triton.jit
@@ -36,7 +37,8 @@ def add_gated_memory(acc, gate, q, W1, B1, W2, B2, h, offs_d, HEAD_DIM: tl.const
                      mask=d_ok[:, None] & h_ok[None, :], other=0.0)
         hidden = tl.dot(q.to(DOT_DTYPE), w1.to(DOT_DTYPE), input_precision=PRECISION)
         if HAS_B1:
-            hidden += tl.load(B1 + h * MEM_HIDDEN + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+            b1 = tl.load(B1 + h * MEM_HIDDEN + offs_h, mask=h_ok, other=0.0)
+            hidden += b1.to(tl.float32)[None, :]
         gated_act = (hidden * tl.sigmoid(hidden)) * gate[:, None]
         w2 = tl.load(W2h + offs_h[:, None] * HEAD_DIM + offs_d[None, :],
                      mask=h_ok[:, None] & d_ok[None, :], other=0.0)
@@ -60,7 +62,8 @@ def gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM: tl.constexpr, GATE_HIDDEN: 
                  mask=(offs_d[:, None] < HEAD_DIM) & r_ok[None, :], other=0.0)
     hidden = tl.dot(q.to(DOT_DTYPE), g1.to(DOT_DTYPE), input_precision=PRECISION)
     if HAS_C1:
-        hidden += tl.load(C1 + h * GATE_HIDDEN + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        c1 = tl.load(C1 + h * GATE_HIDDEN + offs_r, mask=r_ok, other=0.0)
+        hidden += c1.to(tl.float32)[None, :]
     return hidden, g1
 
 
@@ -98,7 +101,8 @@ def _attn_fwd_blocks(acc, m_i, l_i, q_rot, Kh, Vh, offs_m, offs_d, lo, hi, NQ, N
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(Vb + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=PRECISION)
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None],
+                     input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
