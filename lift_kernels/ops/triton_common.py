@@ -11,6 +11,8 @@ BLOCK_D and BLOCK_R are the head dim and gate width padded to powers of two (mas
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -63,7 +65,11 @@ WEIGHT_HEURISTICS = {
 def configs(kind):
     """Autotuning configurations for sm_90 (H100/H200), or the single fixed configuration
     under the interpreter (autotuning would only time numpy there; 16-row tiles keep the
-    tests' small sequences spanning several blocks)."""
+    tests' small sequences spanning several blocks).
+
+    LIFT_KERNELS_TRITON_CONFIGS=N (read at import) keeps the first N of each list: every
+    autotuning key compiles each configuration, so a test suite with many shapes (N=1) or a
+    time-boxed benchmark (a few) would otherwise spend minutes compiling."""
     if INTERPRETED:
         tile = {"BLOCK_M": 16, "BLOCK_N": 16}
         if kind != "dkdv":
@@ -90,7 +96,8 @@ def configs(kind):
                                           (32, 64, 32, 4, 2)):
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh},
                                      num_warps=warps, num_stages=stages))
-    return out
+    limit = int(os.environ.get("LIFT_KERNELS_TRITON_CONFIGS", "0") or 0)
+    return out[:limit] if limit > 0 else out
 
 
 def seq_bucket(nq, nk):
