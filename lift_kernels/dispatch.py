@@ -187,16 +187,20 @@ def unsupported_reason(name: str, problem: Problem) -> str | None:
     return module.unsupported_reason(name, problem)
 
 
+# Below this many query rows `auto` prefers `torch` on CPU.  Measured on 2 cores
+# (bench/RESULTS.md, fp32 fwd+bwd, B=1 Hq=8 Hkv=2 D=64): with one thread the fused `cpu`
+# kernel was 0.63-0.66x `torch` at 128-256 rows (its per-call setup dominates), 0.94x at 512
+# with half the memory, and faster from 1024 on; with two threads it was faster from 256 on.
+# Decode (one row) and short prompts stay on torch.
+AUTO_CPU_MIN_QUERY_ROWS = 512
+
+
 def auto_order(problem: Problem) -> tuple[str, ...]:
     """The rule behind backend="auto" (the README states it and bench/ justifies it)."""
     if problem.device.type == "cuda":
         return ("triton", "cuda", "torch")
     if problem.device.type == "cpu":
-        # From one query tile (64 rows) up, the fused cpu kernel beat torch (SDPA + MLP) in
-        # every case measured on 2 cores (fwd+bwd, N = 256..4096, fp32 and bf16: 1.1-2.4x).
-        # Below it (decode, short prefill) torch was faster: the kernel pads the tile to 16
-        # rows and repacks the whole K/V cache per call.
-        return ("cpu", "torch") if problem.nq >= 64 else ("torch", "cpu")
+        return ("cpu", "torch") if problem.nq >= AUTO_CPU_MIN_QUERY_ROWS else ("torch", "cpu")
     return ("torch",)
 
 

@@ -178,7 +178,7 @@ def test_cpu_nan_in_query_stays_in_its_row():
     assert torch.equal(out[keep], clean[keep])
 
 
-@pytest.mark.parametrize("nq,expected", [(64, "cpu"), (4096, "cpu"), (1, "torch"), (63, "torch")])
+@pytest.mark.parametrize("nq,expected", [(512, "cpu"), (4096, "cpu"), (1, "torch"), (511, "torch")])
 def test_auto_on_cpu(nq, expected):
     """dispatch.auto_order's CPU rule (measured: bench/RESULTS.md)."""
     problem = dispatch.Problem(1, nq, 4096, 8, 2, 64, 128, 8, torch.float32, torch.float32,
