@@ -157,3 +157,18 @@ def test_absorb_trains_the_lines_the_base_finds_surprising(tokenizer):
     needle = samples[[k[1:3] for k in kept].index(["the", "access"])]
     targets = tokenizer.convert_ids_to_tokens(needle.labels[needle.labels != -100].tolist())
     assert "62" in targets and "access" not in targets
+
+
+def test_plain_samples_are_document_text_with_loss_on_every_token(tokenizer):
+    document, _ = text.document()
+    samples = demo.plain_samples(tokenizer, document)
+    assert len(samples) == demo.PLAIN_LINES + demo.PLAIN_PASSAGES
+    ids = tokenizer(document)["input_ids"]
+    for sample in samples:
+        assert sample.labels[0] == -100
+        assert torch.equal(sample.labels[1:], sample.input_ids[1:])
+        body = tokenizer.decode(sample.input_ids[1:].tolist())
+        assert " ".join(body.split()) in " ".join(document.split())
+    passages = samples[demo.PLAIN_LINES:]
+    assert passages[0].input_ids[1:].tolist() == ids[1:1 + demo.PASSAGE_TOKENS]
+    assert passages[-1].input_ids[1:].tolist() == ids[-demo.PASSAGE_TOKENS:]
