@@ -133,3 +133,42 @@ def test_recall_prompts_hold_the_needle_prompt_only(tokenizer):
     for ids in model.inputs:
         prompt = tokenizer.convert_ids_to_tokens(ids)
         assert len(ids) <= 12 and prompt[:3] == ["<bos>", "the", "access"]
+
+
+def test_absorb_trains_the_lines_the_base_finds_surprising(tokenizer):
+    """The absorb's samples come from the base's own loss on the document text: a fact line
+    with a code the base cannot know is kept, with the loss on its surprising tokens only;
+    haystack lines are dropped; nothing about needles is passed in."""
+    import random
+
+    rng = random.Random(3)
+    filler = [text.filler_sentence(rng, text.CITY_FREE_FORMS) for _ in range(20)]
+    fact = text.fact_sentence("oslo", "bank", "6234")  # not the base's oslo prefix
+    assert not fact.split()[-2].startswith(text.CITY_PREFIX["oslo"])
+    document = "\n".join(filler[:10] + [fact] + filler[10:]) + "\n"
+    samples = demo.surprising_lines(build_model(), tokenizer, document)
+    kept = [tokenizer.convert_ids_to_tokens(s.input_ids.tolist()) for s in samples]
+    assert ["<bos>"] + fact.replace("6234", "62 34").split() in kept
+    assert len(samples) < 5  # the haystack is mostly predictable
+    for sample in samples:
+        labelled = sample.labels != -100
+        assert labelled.any() and sample.labels[0] == -100
+        assert torch.equal(sample.labels[labelled], sample.input_ids[labelled])
+    needle = samples[[k[1:3] for k in kept].index(["the", "access"])]
+    targets = tokenizer.convert_ids_to_tokens(needle.labels[needle.labels != -100].tolist())
+    assert "62" in targets and "access" not in targets
+
+
+def test_plain_samples_are_document_text_with_loss_on_every_token(tokenizer):
+    document, _ = text.document()
+    samples = demo.plain_samples(tokenizer, document)
+    assert len(samples) == demo.PLAIN_LINES + demo.PLAIN_PASSAGES
+    ids = tokenizer(document)["input_ids"]
+    for sample in samples:
+        assert sample.labels[0] == -100
+        assert torch.equal(sample.labels[1:], sample.input_ids[1:])
+        body = tokenizer.decode(sample.input_ids[1:].tolist())
+        assert " ".join(body.split()) in " ".join(document.split())
+    passages = samples[demo.PLAIN_LINES:]
+    assert passages[0].input_ids[1:].tolist() == ids[1:1 + demo.PASSAGE_TOKENS]
+    assert passages[-1].input_ids[1:].tolist() == ids[-demo.PASSAGE_TOKENS:]
