@@ -108,10 +108,12 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
             value = loss.item()
             loss_sum += value * weight
             local_tokens += sample.num_tokens if weight else 0
-            bar.update(1)
             elapsed = time.perf_counter() - start
+            # Set without a redraw: update() redraws at most every mininterval seconds.
             bar.set_postfix({"phase": phase.name, "loss": f"{value:.3f}",
-                             rate_label: f"{local_tokens / max(elapsed, 1e-9):.0f}"})
+                             rate_label: f"{local_tokens / max(elapsed, 1e-9):.0f}"},
+                            refresh=False)
+            bar.update(1)
         all_reduce_grads(params, ctx)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
