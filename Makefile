@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-compat test-fast test-triton build bench bench-quick gpu-check clean
+.PHONY: demo test test-compat build bench bench-quick gpu-check clean
 
 # The virtual environment: reuses an importable torch, else installs the CPU build of
 # $(TORCH) (an unpinned torch would pull a multi-GB CUDA build).
@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PIP) install -e . --no-build-isolation --no-deps
 
+# Writes out/demo.json and the gate heatmap out/demo.gates.png.
 demo: build
-	$(PY) -m lift_kernels demo
+	@mkdir -p out
+	$(PY) -m lift_kernels demo --json out/demo.json
 
 test: build
 	$(PY) -m pytest -q tests
