@@ -126,10 +126,7 @@ __global__ void __launch_bounds__(kThreads) preprocess_kernel(const AttnParams p
   const float* W1 = p.w1 + h * D * M;
   const float* W2 = p.w2 + h * M * D;
   for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
-    for (int idx = threadIdx.x; idx < D * kChunk; idx += kThreads) {
-      w1c[idx] = from_float<T>(W1[(idx / kChunk) * M + c0 + idx % kChunk]);
-      w2c[idx] = from_float<T>(W2[(c0 + idx / D) * D + idx % D]);
-    }
+    load_weight_chunk<T, D>(W1, W2, M, c0, w1c, w2c);
     __syncthreads();
     block_mma<T, kTile, kChunk, D, wmma::row_major, wmma::row_major, false>(qf, D, w1c, kChunk,
                                                                             hid, kChunk);

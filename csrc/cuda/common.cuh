@@ -156,6 +156,18 @@ __device__ __forceinline__ void load_rotated_q(const AttnParams& p, const T* q, 
 // Sizes of shared-memory regions in bytes, 128-byte aligned.
 __host__ __device__ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
+// Loads hidden units [c0, c0 + kChunk) of the memory MLP's weights, converted to T:
+// w1c [D][kChunk] from W1 [D][M] and w2c [kChunk][D] from W2 [M][D] (both float32).
+// The caller synchronises before reading them.
+template <class T, int D>
+__device__ __forceinline__ void load_weight_chunk(const float* W1, const float* W2, int64_t M,
+                                                  int64_t c0, T* w1c, T* w2c) {
+  for (int idx = threadIdx.x; idx < D * kChunk; idx += kThreads) {
+    w1c[idx] = from_float<T>(W1[(idx / kChunk) * M + c0 + idx % kChunk]);
+    w2c[idx] = from_float<T>(W2[(c0 + idx / D) * D + idx % D]);
+  }
+}
+
 // The memory MLP of a query tile: mem[kTile][D] (float, shared) = silu(qf @ W1 + b1) @ W2
 // + b2, qf [kTile][D] in shared memory as T.  The hidden layer goes kChunk units at a time
 // through w1c [D][kChunk], w2c [kChunk][D] (weights converted to T), hid (float) and hid_t
@@ -168,10 +180,7 @@ __device__ void memory_mlp_tile(const AttnParams& p, int64_t h, const T* qf, T* 
   const float* W1 = p.w1 + h * D * M;
   const float* W2 = p.w2 + h * M * D;
   for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
-    for (int idx = threadIdx.x; idx < D * kChunk; idx += kThreads) {
-      w1c[idx] = from_float<T>(W1[(idx / kChunk) * M + c0 + idx % kChunk]);
-      w2c[idx] = from_float<T>(W2[(c0 + idx / D) * D + idx % D]);
-    }
+    load_weight_chunk<T, D>(W1, W2, M, c0, w1c, w2c);
     __syncthreads();
     block_mma<T, kTile, kChunk, D, wmma::row_major, wmma::row_major, false>(qf, D, w1c, kChunk,
                                                                             hid, kChunk);
