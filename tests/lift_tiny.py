@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 import torch
 
 WORDS = ("the a of and to in is was it that on for with as by at from his her they this "
@@ -70,3 +72,14 @@ def save_checkpoint(path, seed: int = 0, chat: bool = False):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model, tok
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound; a second thread only contends on a shared machine.
+    Test modules that import this fixture run each test on one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -14,19 +14,11 @@ import torch
 
 from lift_kernels.cli import EXIT_CODES, main
 
-from lift_tiny import make_document, make_tokenizer, save_checkpoint
+from lift_tiny import make_document, make_tokenizer, one_thread, save_checkpoint  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--segment-length", "32", "--segment-stride", "16", "--epochs", "2", "--qa-epochs", "1",
         "--steps-per-epoch", "2", "--lr", "0.1", "--backend", "torch"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,7 @@ from lift_kernels.lift.distributed import DistContext, shard_step
 from lift_kernels.lift.qa import generate_qa, parse_generated
 from lift_kernels.lift.trainer import sample_loss, step_groups
 
-from lift_tiny import make_document, make_model, make_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are overhead-bound; a second thread only contends on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from lift_tiny import make_document, make_model, make_tokenizer, one_thread  # noqa: F401
 
 
 # ---- segmentation ---------------------------------------------------------------------------
