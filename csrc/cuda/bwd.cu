@@ -188,6 +188,21 @@ struct AttnBwdSmem {
   static constexpr int64_t rows = ds + align128(kTile * kTile * sizeof(T));  // float lse, delta
   static constexpr int64_t bytes = rows + align128(2 * kTile * 4);
   static_assert(2 * tile >= kTile * D * 4, "qs + da must hold a float tile");
+
+  struct Tiles {
+    T *qs, *da, *ks, *vs;
+    float* s;
+    T *pt, *ds;
+    float *lse, *delta;
+  };
+  // The tiles inside a block's dynamic shared memory (both backward kernels use this layout).
+  static __device__ __forceinline__ Tiles carve(unsigned char* smem) {
+    float* rows_ = reinterpret_cast<float*>(smem + rows);
+    return {reinterpret_cast<T*>(smem + qs), reinterpret_cast<T*>(smem + da),
+            reinterpret_cast<T*>(smem + ks), reinterpret_cast<T*>(smem + vs),
+            reinterpret_cast<float*>(smem + s), reinterpret_cast<T*>(smem + pt),
+            reinterpret_cast<T*>(smem + ds), rows_, rows_ + kTile};
+  }
 };
 
 // Loads a query tile (rotated) with its d(attn), lse (+inf for rows that see no key, so
@@ -254,15 +269,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const AttnParams p, Work
   using namespace nvcuda;
   using L = AttnBwdSmem<T, D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* qs = reinterpret_cast<T*>(smem + L::qs);
-  T* da = reinterpret_cast<T*>(smem + L::da);
-  T* ks = reinterpret_cast<T*>(smem + L::ks);
-  T* vs = reinterpret_cast<T*>(smem + L::vs);
-  float* s = reinterpret_cast<float*>(smem + L::s);
-  T* pt = reinterpret_cast<T*>(smem + L::pt);
-  T* ds = reinterpret_cast<T*>(smem + L::ds);
-  float* lse = reinterpret_cast<float*>(smem + L::rows);
-  float* delta = lse + kTile;
+  const auto [qs, da, ks, vs, s, pt, ds, lse, delta] = L::carve(smem);
 
   const int64_t b = blockIdx.z, kvh = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t group = p.hq / p.hkv;
@@ -303,15 +310,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const AttnParams p, Worksp
   using namespace nvcuda;
   using L = AttnBwdSmem<T, D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* qs = reinterpret_cast<T*>(smem + L::qs);
-  T* da = reinterpret_cast<T*>(smem + L::da);
-  T* ks = reinterpret_cast<T*>(smem + L::ks);
-  T* vs = reinterpret_cast<T*>(smem + L::vs);
-  float* s = reinterpret_cast<float*>(smem + L::s);
-  T* pt = reinterpret_cast<T*>(smem + L::pt);
-  T* ds = reinterpret_cast<T*>(smem + L::ds);
-  float* lse = reinterpret_cast<float*>(smem + L::rows);
-  float* delta = lse + kTile;
+  const auto [qs, da, ks, vs, s, pt, ds, lse, delta] = L::carve(smem);
 
   const int64_t b = blockIdx.z, h = blockIdx.y, row0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t kvh = h / (p.hq / p.hkv);
