@@ -21,7 +21,7 @@ except ImportError:  # the backend then reports itself unavailable
 if triton is not None:
     from .triton_bwd import (
         dkdv_kernel, dkdv_kernel_tuned, dq_kernel, dq_kernel_tuned, preprocess_kernel)
-    from .triton_common import INTERPRETED, configs, prune_by_head_dim, seq_bucket
+    from .triton_common import INTERPRETED, configs, prune_configs, seq_bucket
     from .triton_fwd import gated_attention_fwd_kernel
 
 
@@ -95,7 +95,7 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
 
 def _fixed_config(kind, q):
     """The configuration deterministic mode uses: the first one autotuning would try."""
-    config = prune_by_head_dim(configs(kind), {"Q": q}, HEAD_DIM=q.shape[3])[0]
+    config = prune_configs(kind, configs(kind), {"Q": q}, HEAD_DIM=q.shape[3])[0]
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -121,15 +121,21 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     consts = _constants(q, w1, g1, causal)
     strides = (*_launch_args(q, k, v, cos, sin), *dout.stride())
 
-    do_attn = _new(lse.shape, torch.float32, q.device)  # rowsum(dout * attn) [B, Hq, Nq]
+    # rowsum(dout * attn), lse' [B, Hq, Nq] and the rotated query [B, Hq, Nq, D]
+    # (triton_bwd.py's docstring).
+    do_attn = _new(lse.shape, torch.float32, q.device)
+    lse_bwd = _new(lse.shape, torch.float32, q.device)
+    q_rot = _new((batch, hq, nq, d), q.dtype, q.device)
     pre_block = 16 if INTERPRETED else 64
     preprocess_kernel[(batch * hq, triton.cdiv(nq, pre_block))](
-        dout, attn, do_attn, *dout.stride(), nq, hq, HEAD_DIM=d, BLOCK_M=pre_block)
+        q, cos, sin, dout, attn, gate, lse, do_attn, lse_bwd, q_rot, *q.stride(),
+        *_rope_strides(cos), *_rope_strides(sin), *dout.stride(), nq, hq, HEAD_DIM=d,
+        BLOCK_M=pre_block)
 
     dk = _new(k.shape, k.dtype, k.device)
     dv = _new(v.shape, v.dtype, v.device)
-    dkdv_args = (q, k, v, cos, sin, dout, gate, lse, do_attn, dk, dv, *strides, nq, nk, hq,
-                 hq // hkv, scale, seq_bucket(nq, nk))
+    dkdv_args = (q_rot, k, v, dout, lse_bwd, do_attn, dk, dv, *k.stride(), *v.stride(),
+                 *dout.stride(), nq, nk, hq, hq // hkv, scale, seq_bucket(nq, nk))
     dkdv_consts = dict(HEAD_DIM=d, CAUSAL=causal)
     if deterministic:
         fixed = _fixed_config("dkdv", q)
@@ -149,8 +155,8 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     buffers = [None if t is None else
                torch.zeros((slots, *t.shape), dtype=torch.float32, device=q.device)
                for t in weights]
-    dq_args = (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse, do_attn,
-               dq, *buffers, *strides, batch, nq, nk, hq, hq // hkv, scale, gate_scale,
+    dq_args = (q, q_rot, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse_bwd,
+               do_attn, dq, *buffers, *strides, batch, nq, nk, hq, hq // hkv, scale, gate_scale,
                seq_bucket(nq, nk))
     if deterministic:
         dq_kernel[(slots, hq)](*dq_args, **consts, DETERMINISTIC=True, **fixed)
