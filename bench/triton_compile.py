@@ -284,6 +284,22 @@ def table_line(row) -> str:
             f"wgmma={row['wgmma']:3d} mma={row['mma']:3d} async={row['async_copies']:3d}")
 
 
+def markdown(rows) -> str:
+    """The rows as a Markdown table (bench/RESULTS.md)."""
+    lines = ["| triton | arch | dtype | D | weights | kernel | mode | tile | warps/stages | rank "
+             "| regs | stack B | hot-loop LDL | LDL | smem KB | launches | wgmma | mma | async |",
+             "|" + "---|" * 19]
+    for r in rows:
+        rank = "-" if r["rank"] is None else r["rank"]
+        lines.append(
+            f"| {r['triton']} | {r['arch']} | {r['dtype']} | {r['head_dim']} | {r['weights']} "
+            f"| {r['kernel']} | {r['mode']} | {tile_text(r['config'])} | {r['warps']}/{r['stages']}"
+            f" | {rank} | {r['registers']} | {r['spill_bytes']} | {r['hot_loop_reloads']} "
+            f"| {r['spill_reloads']} | {r['shared'] / 1024:.0f} | {'yes' if r['launchable'] else 'NO'}"
+            f" | {r['wgmma']} | {r['mma']} | {r['async_copies']} |")
+    return "\n".join(lines)
+
+
 # The loop-invariant tile of each kernel: a program keeps it on chip and streams the other
 # operand, so a larger one means less traffic per FLOP.
 _RESIDENT = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
@@ -321,7 +337,13 @@ def main(argv=None):
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--suggest", nargs="+", metavar="JSON",
                         help="print triton_common.TUNED rebuilt from these row files and exit")
+    parser.add_argument("--markdown", nargs="+", metavar="JSON",
+                        help="print these row files as one Markdown table and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        rows = [r for f in args.markdown for r in json.loads(Path(f).read_text())]
+        print(markdown(rows))
+        return rows
     if args.suggest:
         rows = [r for f in args.suggest for r in json.loads(Path(f).read_text())]
         for key, configs in suggest(rows).items():

@@ -77,8 +77,9 @@ TUNED = {
     ("fwd", 128): [(128, 64, 32, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3),
                    (128, 128, 64, 8, 3), (64, 64, 32, 4, 4), (64, 64, 64, 4, 4),
                    (64, 32, 32, 8, 3)],
-    ("dkdv", 64): [(32, 128, 8, 3), (32, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 3),
-                   (64, 64, 8, 2), (32, 32, 4, 3)],
+    ("dkdv", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 4, 2), (16, 64, 4, 2),
+                   (32, 64, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (64, 64, 4, 2),
+                   (32, 32, 4, 3)],
     ("dkdv", 128): [(32, 128, 8, 3), (32, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 3),
                     (64, 64, 8, 2), (32, 32, 4, 3)],
     ("dq", 64): [(64, 32, 32, 8, 2), (64, 64, 32, 8, 2)],
@@ -131,18 +132,6 @@ def configs(kind):
 _LIMIT = int(os.environ.get("LIFT_KERNELS_TRITON_CONFIGS", "0") or 0)
 
 
-def zero_buffers(names):
-    """The autotuner's pre-hook for accumulated outputs: zeroes each named tensor before every
-    timed run and once before the real launch.  Used instead of autotune(reset_to_zero=...),
-    which in Triton 3.6 calls .zero_() on every named argument, also on an absent (None)
-    bias gradient."""
-    def hook(kwargs, reset_only=False):
-        for name in names:
-            if kwargs[name] is not None:
-                kwargs[name].zero_()
-    return hook
-
-
 # Autotuning results persist in Triton's cache directory (keyed by kernel source, key and
 # configurations), so a new process does not time every configuration again.  Triton < 3.3
 # has no such option.
@@ -150,12 +139,10 @@ _CACHE_RESULTS = ({"cache_results": True}
                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
-def autotuned(kernel, kind, config_list, key, accumulated=(), **options):
+def autotuned(kernel, kind, config_list, key, **options):
     """`kernel` (a heuristics-wrapped jit function) autotuned over `config_list`, pruned per
-    call by prune_configs(kind, ...); tensors named in `accumulated` are zeroed before each
-    run."""
-    if accumulated:
-        options["pre_hook"] = zero_buffers(list(accumulated))
+    call by prune_configs(kind, ...).  No kernel accumulates into its outputs, so no
+    reset_to_zero (which in Triton 3.6 also called .zero_() on absent, None, arguments)."""
     return triton.autotune(configs=config_list, key=key,
                            prune_configs_by={"early_config_prune": partial(prune_configs, kind)},
                            **_CACHE_RESULTS, **options)(kernel)
