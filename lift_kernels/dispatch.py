@@ -87,9 +87,11 @@ def _need_bool(name, x):
         raise TypeError(f"{name} must be a bool, got {x!r}")
 
 
-def normalize_window(window_size, causal: bool) -> tuple:
-    """Checks window_size and returns it as (left, right) ints with -1 for every unbounded
-    side, the right side -1 when `causal` (which bounds it at 0, as in FlashAttention)."""
+def normalize_window(window_size, causal: bool, nq: int, nk: int) -> tuple:
+    """Checks window_size and returns it as (left, right) ints with -1 for every side that
+    bounds nothing: the right side when `causal` (which bounds it at 0, as in
+    FlashAttention), a left side >= Nk - 1 and a right side >= Nq - 1 (wider than the
+    sequences), so that backends without windows can serve such calls."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(isinstance(x, bool) or not isinstance(x, int) for x in window_size)):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
@@ -97,7 +99,11 @@ def normalize_window(window_size, causal: bool) -> tuple:
     if left < -1 or right < -1:
         raise ValueError(f"window_size sides must be >= 0, or -1 for unbounded, got "
                          f"{tuple(window_size)!r}")
-    return (left, -1 if causal else right)
+    if left >= nk - 1:
+        left = -1
+    if causal or right >= nq - 1:
+        right = -1
+    return (left, right)
 
 
 def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_scale,
@@ -175,7 +181,7 @@ def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_s
         _need_number("softmax_scale", softmax_scale, positive=True)
     _need_number("gate_scale", gate_scale)
     _need_number("gate_shift", gate_shift)
-    window = normalize_window(window_size, causal)
+    window = normalize_window(window_size, causal, nq, nk)
     _need_number("softcap", softcap)
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 turns it off), got {softcap!r}")

@@ -134,6 +134,9 @@ def test_window_is_normalised():
     assert _problem().window_size == (-1, -1) and not _problem().windowed
     assert _problem(window_size=(-1, 0)).window_size == (-1, -1)  # causal already bounds it
     assert _problem(window_size=[3, 5]).window_size == (3, -1)
+    # Nq = Nk = 6: a side of 5 or more bounds nothing
+    assert _problem(window_size=(5, -1)).window_size == (-1, -1)
+    assert _problem(window_size=(4, -1)).window_size == (4, -1)
 
 
 BAD = [
