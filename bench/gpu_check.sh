@@ -6,20 +6,24 @@
 #   bench/gpu_check.sh OUT_DIR          # on the GPU machine (make gpu-check)
 #   bench/gpu_check.sh OUT_DIR --dry    # on a CPU: the same plan at tiny shapes (CI runs it)
 #
-# The plan (s from the start; each step under its own time limit, GPU defaults):
-#   0     env            versions, device, tools                                 60
-#   ~5    build      bg  lift_kernels._C with CUDA, sm_90a only                  T_BUILD=150
-#         prewarm    bg  P processes compile every Triton autotuning configuration
-#                        at the gate's shapes into Triton's disk cache           T_PREWARM=130
-#         triton_tests   a curated GPU subset of tests/test_triton.py, pytest -n T_TESTS=90
-#   ~110  cuda_tests bg  tests/test_cuda.py, pytest -n                           T_CUDA_TESTS=60
-#         memcheck,  bg  compute-sanitizer on the cuda backend at tiny shapes    T_SANITIZER=45
+# The plan (s from the start; each step under its own time limit, GPU defaults; steps on
+# one line run side by side):
+#   0     env            versions, device, tools                                     30
+#   ~10   build      bg  lift_kernels._C with CUDA, sm_90a only                      T_BUILD=120
+#         prewarm    bg  PREWARM processes compile every Triton autotuning
+#                        configuration at the gate's shapes into Triton's disk cache T_PREWARM=120
+#         triton_tests   a curated GPU subset of tests/test_triton.py, pytest -n     T_TESTS=90
+#   ~130  cuda_tests bg  tests/test_cuda.py, pytest -n                               T_CUDA_TESTS=50
+#         memcheck,  bg  compute-sanitizer on the cuda backend at tiny shapes        T_SANITIZER=40
 #         racecheck
-#   ~175  measure        one process with the GPU to itself: the correctness gate at the
-#                        benchmark shape (triton, cuda vs a float32 run; a backend that fails
-#                        is not timed), timing at N=16384 then 4096 (SDPA flash, cuDNN, torch,
-#                        triton, cuda), one torch.profiler pass per fused backend, registers
-#                        and spills of the loaded Triton kernels                 T_MEASURE=180
+#   ~180  measure        one process with the GPU to itself (bench/gpu_check.py):    T_MEASURE=170
+#                        the correctness gate at the benchmark shape, B=4 Hq=32 Hkv=8
+#                        D=128 bf16, N=4096 and 16384 (triton, cuda vs a float32 run,
+#                        output, gate, all ten gradients; `cuda` in a child process; a
+#                        backend that fails is not timed), timing at N=16384 then 4096
+#                        (SDPA flash, cuDNN, torch, triton, cuda; CUDA events), registers
+#                        and spills of the loaded Triton kernels, one torch.profiler pass
+#                        per fused backend
 #   ~350  pack           the summary, printed last
 #
 # OUT_DIR holds three files, replaced after every step (so a kill leaves the last set):
@@ -69,9 +73,9 @@ if [ $DRY -eq 1 ]; then
   MEASURE_BUDGETS=(--gate-s 120 --timing-s 120 --profile-s 60)
 else
   DRYFLAG=
-  T_BUILD=${T_BUILD:-150} T_PREWARM=${T_PREWARM:-130} T_TESTS=${T_TESTS:-90}
-  T_CUDA_TESTS=${T_CUDA_TESTS:-60} T_SANITIZER=${T_SANITIZER:-45} T_MEASURE=${T_MEASURE:-180}
-  MEASURE_BUDGETS=(--gate-s 70 --timing-s 55 --profile-s 20)
+  T_BUILD=${T_BUILD:-120} T_PREWARM=${T_PREWARM:-120} T_TESTS=${T_TESTS:-90}
+  T_CUDA_TESTS=${T_CUDA_TESTS:-50} T_SANITIZER=${T_SANITIZER:-40} T_MEASURE=${T_MEASURE:-170}
+  MEASURE_BUDGETS=(--gate-s 65 --timing-s 50 --profile-s 20)
 fi
 export DRYFLAG JOBS PREWARM
 
@@ -124,7 +128,7 @@ trap 'for p in "${PID[@]}"; do kill "$p" 2>/dev/null; done; pack; exit 143' TERM
 echo "[gpu_check] $(date -u '+%Y-%m-%d %H:%M:%S UTC') dry=$DRY work=$WORK out=$OUT"
 
 # --- env
-step env 60 "$WORK/env.log" bash -c '
+step env 30 "$WORK/env.log" bash -c '
   git log -1 --format="commit %H %s" 2>/dev/null || echo "not a git checkout"
   git status --short 2>/dev/null | head -20
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"

@@ -42,7 +42,8 @@ def test_pack_of_an_empty_run_is_three_files(gpu_check, tmp_path):
 
 
 def _tiny_plan(fused):
-    return dict(device="cpu", fused=fused, baselines=("sdpa",), gate_ns=(20,), timing_ns=(20,),
+    return dict(device="cpu", fused=fused, isolated=(), baselines=("sdpa",), gate_ns=(20,),
+                timing_ns=(20,),
                 lift_n=20, shape=lambda n: Shape(1, n, n, 4, 2, 16, "bfloat16"),
                 timing=dict(warmup=0, max_repeats=1, min_repeats=1, target_ms=1.0, threads=1))
 
@@ -60,7 +61,7 @@ def test_gate_fails_a_wrong_backend_and_timing_skips_it(gpu_check, tmp_path, mon
         return out, gate, grads, s
 
     monkeypatch.setitem(gpu_check["phase_gate"].__globals__, "run_op", wrong_dk)
-    gate = gpu_check["phase_gate"](plan, tmp_path, budget_s=120)
+    gate = gpu_check["phase_gate"](plan, tmp_path, 120, plan["fused"])
     assert not gate["verdict"]["cpu"]["passed"] and "dk" in gate["verdict"]["cpu"]["reason"]
     assert gate["verdict"]["torch"]["passed"]
     cpu_rows = [r for r in gate["cases"] if r.get("backend") == "cpu"]
