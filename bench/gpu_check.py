@@ -183,7 +183,9 @@ def cmd_env(args) -> int:
 
 def gate_inputs(shape, variant, device, seed) -> dict:
     """Detached random inputs of one gate case: benchmark.make_inputs' tensors plus, for
-    'lift', biases and float32 weights; and an upstream gradient for the gate output."""
+    'lift', biases, float32 weights and an upstream gradient for the gate output.  'timed'
+    gets none (dgate None), as the timing's calls: the gate's gradient is a specialisation
+    of the dq kernel, autotuned apart."""
     import torch
     from lift_kernels.benchmark import make_inputs
 
@@ -197,11 +199,13 @@ def gate_inputs(shape, variant, device, seed) -> dict:
             t[name] = t[name].float()
         for name, size in (("b1", m), ("b2", shape.head_dim), ("c1", r)):
             t[name] = 0.1 * torch.randn(shape.hq, size, generator=gen, device=device)
-    t["dgate"] = torch.randn(shape.batch, shape.nq, shape.hq, generator=gen, device=device)
+    t["dgate"] = None
+    if variant == "lift":
+        t["dgate"] = torch.randn(shape.batch, shape.nq, shape.hq, generator=gen, device=device)
     return t
 
 
-def run_op(backend, shape, t, dtype=None, expand_kv=False) -> tuple:
+def run_op(backend, shape, t, dtype=None, expand_kv=False, deterministic=False) -> tuple:
     """Forward and backward through the public op: (out, gate, {name: grad}, seconds).
     `dtype` runs on copies in that dtype; `expand_kv` repeats each kv head for its query
     heads (autograd sums the gradients back), so that SDPA needs no GQA support."""
@@ -221,8 +225,11 @@ def run_op(backend, shape, t, dtype=None, expand_kv=False) -> tuple:
     start = time.perf_counter()
     out, gate = lift_kernels.gated_memory_attention(
         *(args[n] for n in GRAD_NAMES), cos=t["cos"], sin=t["sin"], causal=shape.causal,
-        return_gate=True, backend=backend)
-    torch.autograd.backward((out, gate), (t["dout"].to(out.dtype), t["dgate"]))
+        return_gate=True, backend=backend, deterministic=deterministic)
+    if t["dgate"] is None:
+        out.backward(t["dout"].to(out.dtype))
+    else:
+        torch.autograd.backward((out, gate), (t["dout"].to(out.dtype), t["dgate"]))
     _sync(device)
     seconds = time.perf_counter() - start
     grads = {n: (None if leaves[n] is None else leaves[n].grad) for n in GRAD_NAMES}
@@ -280,7 +287,8 @@ def compare(out, gate, grads, ref) -> dict:
 # ----------------------------------------------------------------------------- gate
 
 def phase_gate(plan, work, budget_s, backends, calibrate=True, name="gate") -> dict:
-    """Output, gate and every gradient of each of `backends` (and, with `calibrate`,
+    """Output, gate and every gradient (through the gate output too in the 'lift' case)
+    of each of `backends` (and, with `calibrate`,
     `torch` in the same dtype, to show what its rounding alone gives) against the float32
     run, at the timed shapes with the configurations autotuning picks there.  Each fused
     case runs twice: the first call (autotuning and its hooks included) and a second one
@@ -658,7 +666,6 @@ def cmd_sanitize_target(args) -> int:
     the program compute-sanitizer runs (memcheck, racecheck).  Ragged sizes, GQA and MQA,
     Nq != Nk, biases, both head dims, deterministic mode."""
     import torch
-    import lift_kernels
     from lift_kernels.benchmark import Shape
 
     device, backend = ("cpu", "cpu") if args.dry else ("cuda", "cuda")
@@ -667,19 +674,13 @@ def cmd_sanitize_target(args) -> int:
              (Shape(1, 90, 40, 2, 2, 64, "bfloat16"), "lift", True)]
     for shape, variant, deterministic in cases:
         t = gate_inputs(shape, variant, device, seed=3)
-        leaves = {n: None if t[n] is None else t[n].clone().requires_grad_(True)
-                  for n in GRAD_NAMES}
         try:
-            out, gate = lift_kernels.gated_memory_attention(
-                *(leaves[n] for n in GRAD_NAMES), cos=t["cos"], sin=t["sin"],
-                return_gate=True, backend=backend, deterministic=deterministic)
+            out, gate, grads, _ = run_op(backend, shape, t, deterministic=deterministic)
         except NotImplementedError as err:
             print(f"sanitize-target: the {backend} backend cannot run here: {err}")
             return 3
-        torch.autograd.backward((out, gate), (t["dout"], t["dgate"]))
-        _sync(device)
         finite = all(bool(torch.isfinite(x).all()) for x in
-                     [out, gate] + [v.grad for v in leaves.values() if v is not None])
+                     [out, gate] + [g for g in grads.values() if g is not None])
         print(f"sanitize-target: {backend} {shape.label()} {variant}"
               f"{' deterministic' if deterministic else ''}: {'finite' if finite else 'NON-FINITE'}")
         if not finite:
