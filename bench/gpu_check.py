@@ -528,8 +528,8 @@ def phase_registers(plan, work) -> dict:
 
 def _compiled_row(name, jit, compiled, chosen) -> dict:
     """One compiled kernel: its constexpr tile sizes, warps, stages, shared memory,
-    registers and spills (loading it first if only compiled), and whether autotuning
-    chose it."""
+    registers and spills (loading it first if only compiled), and whether its configuration
+    is autotuning's choice for some key of its kernel (`chosen`)."""
     constants = {}
     src = getattr(compiled, "src", None)
     for key, value in (getattr(src, "constants", None) or {}).items():
