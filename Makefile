@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-compat test-triton-lane test-install build wheel bench bench-quick gpu-check clean
+.PHONY: demo test test-compat test-triton-lane test-install build wheel bench bench-quick gpu-check gpu-check-dry clean
 
 # The virtual environment: reuses an importable torch, else installs the CPU build of
 # $(TORCH) (an unpinned torch would pull a multi-GB CUDA build).
@@ -102,10 +102,15 @@ bench-quick: build
 bench: build
 	$(PY) bench/kernels.py
 
-# On a GPU machine (python3 with torch, triton, transformers; nvcc): build, GPU tests,
-# benchmarks, LIFT step; everything lands in bench/out/gpu_check.
+# On a GPU machine (python3 with torch, triton, pytest; nvcc, compute-sanitizer): the
+# one-shot check of bench/gpu_check.sh, about 6 minutes on an H200: build, GPU tests,
+# correctness gate, timing, profile, sanitizer.  bench/out/gpu_check gets summary.md,
+# summary.json and gpu_check.tar.gz.  gpu-check-dry: the same plan on the CPU at tiny shapes.
 gpu-check:
 	bench/gpu_check.sh bench/out/gpu_check
+
+gpu-check-dry: build
+	PYTHON=$(PY) bench/gpu_check.sh bench/out/gpu_check-dry --dry
 
 clean:
 	rm -rf build dist $(VENV) lift_kernels/_C*.so *.egg-info
