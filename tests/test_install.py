@@ -27,7 +27,7 @@ def test_pyproject_declares_the_tested_transformers_range_and_the_extras():
     deps = {d.split(">")[0].split("<")[0].split("=")[0].strip(): d for d in
             _pyproject()["dependencies"]}
     assert deps["transformers"] == "transformers" + install.TRANSFORMERS_RANGE
-    for needed in ("torch", "tokenizers", "safetensors", "packaging", "tqdm"):
+    for needed in ("torch", "tokenizers", "safetensors", "tqdm"):
         assert needed in deps, needed
     extras = _pyproject()["optional-dependencies"]
     for extra, module in install.EXTRAS.items():
@@ -101,6 +101,13 @@ def test_missing_extra_reaches_the_python_api(monkeypatch):
         "x needs peft, which is not installed: pip install 'lift-kernels[lora]'")
     with pytest.raises(ValueError, match="extra must be one of"):
         install.has_extra("plots")
+
+
+@pytest.mark.parametrize("version,inside", [
+    ("5.0.0", True), ("5.0", True), ("5.24.0", True), ("5.24.9.post1", True),
+    ("4.57.1", False), ("5.25.0", False), ("5.25.0.dev0", False), ("6.0", False)])
+def test_version_range(version, inside):
+    assert install.in_range(version, ">=5.0,<5.25") is inside
 
 
 def test_transformers_outside_the_tested_range_warns_once(monkeypatch):
