@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import warnings
 from pathlib import Path
@@ -153,3 +154,21 @@ def test_source_tree_without_the_extension_says_how_to_build(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "lift_kernels._C is not built" in done.stderr and "make build" in done.stderr
     assert "make build" in done.stdout and "compiled backends: none" in done.stdout
+
+
+def test_sdist_holds_what_a_build_needs(tmp_path):
+    """`python -m build` builds the wheel from the sdist: every tracked source the build
+    reads must be in it, and no build output."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: no list of tracked files to compare with")
+    done = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation",
+                           "--outdir", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (sdist,) = tmp_path.glob("lift_kernels-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    tracked = subprocess.run(["git", "ls-files", "csrc", "lift_kernels"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    needed = {"CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", *tracked}
+    assert not needed - names, sorted(needed - names)
+    assert not [n for n in names if n.endswith((".so", ".pyc"))]
