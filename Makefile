@@ -39,7 +39,8 @@ $(WHEEL_TOOLS)/bin/auditwheel:
 wheel: $(WHEEL_TOOLS)/bin/auditwheel
 	rm -rf build/wheel-unrepaired
 	$(PYTHON) -m pip wheel . --no-deps -w build/wheel-unrepaired
-	$(WHEEL_TOOLS)/bin/auditwheel repair --strip -w $(WHEEL_DIR) build/wheel-unrepaired/*.whl
+	PATH="$(abspath $(WHEEL_TOOLS))/bin:$$PATH" auditwheel repair --strip -w $(WHEEL_DIR) \
+	  build/wheel-unrepaired/*.whl
 
 # What a user installs, checked as CI (issue 13): the CPU-only wheel of `make wheel`, into a
 # fresh venv without system packages holding the CPU torch and the wheel's declared
@@ -53,8 +54,8 @@ test-install: $(STAMP)
 	rm -rf $(CI_WHEELS) $(INSTALL_VENV)
 	LIFT_KERNELS_CUDA=0 $(MAKE) wheel WHEEL_DIR=$(CI_WHEELS)
 	$(PYTHON) -m venv $(INSTALL_VENV)
-	$(INSTALL_VENV)/bin/pip install -q $(TORCH)
-	$(INSTALL_VENV)/bin/pip install -q $(CI_WHEELS)/*.whl
+	$(INSTALL_VENV)/bin/pip install -q --no-compile $(TORCH)
+	$(INSTALL_VENV)/bin/pip install -q --no-compile $(CI_WHEELS)/*.whl
 	cd build && install-venv/bin/python ../tests/installed_check.py
 	$(MAKE) build
 	$(PY) -m pytest -q tests/test_build.py
