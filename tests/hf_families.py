@@ -38,11 +38,13 @@ CONFIGS = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, **MOE)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0])),  # layer 1 has no RoPE
     "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW, use_bias=True)),
+    "cohere2": ("Cohere2Config", dict(sliding_window=WINDOW, layer_types=LOCAL_GLOBAL)),
+    "cohere": ("CohereConfig", dict(use_qk_norm=True)),
 }
 FAMILIES = tuple(CONFIGS)
 # Families whose tiny model has a window or soft-capping in some layer.
 WINDOWED = ("mistral", "qwen2", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
-            "starcoder2")
+            "starcoder2", "cohere2")
 
 
 def tiny_config(family, **extra):

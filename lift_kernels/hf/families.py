@@ -22,6 +22,8 @@ FAMILIES = {
     "qwen3_moe": "lift_kernels.hf.qwen3_moe",
     "smollm3": "lift_kernels.hf.smollm3",
     "starcoder2": "lift_kernels.hf.starcoder2",
+    "cohere2": "lift_kernels.hf.cohere2",
+    "cohere": "lift_kernels.hf.cohere",
 }
 
 # The transformers releases every family passes the family test suite with: the ends of
