@@ -23,8 +23,11 @@ CONFIGS = {
                                   layer_types=LOCAL_GLOBAL)),
     "qwen3": ("Qwen3Config", {}),
     "gemma": ("GemmaConfig", {}),
+    # eager: transformers 5.0.0 runs Gemma 2 with sdpa attention, which silently drops the
+    # soft-capping that the op applies
     "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, attn_logit_softcapping=1.5,
-                                    query_pre_attn_scalar=12, layer_types=LOCAL_GLOBAL)),
+                                    query_pre_attn_scalar=12, layer_types=LOCAL_GLOBAL,
+                                    attn_implementation="eager")),
     "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=WINDOW, query_pre_attn_scalar=12,
                                              layer_types=LOCAL_GLOBAL)),
     "phi3": ("Phi3Config", dict(sliding_window=WINDOW)),
