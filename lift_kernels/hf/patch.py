@@ -132,6 +132,10 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
     batch, n = hidden_states.shape[:2]
     q, k, v = adapter.project(self, hidden_states)  # [B, N, H, D]
     cos, sin = adapter.rope(self, position_embeddings)
+    if cos is not None and cos.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{adapter.model_type}: RoPE over {cos.shape[-1]} of the head's "
+                         f"{q.shape[-1]} features (partial rotary, cos {tuple(cos.shape)}) is "
+                         f"not supported; the op rotates whole heads")
     perm = adapter.rope_permutation(self) if cos is not None else None
     if perm is not None:  # the op's RoPE layout (see Adapter.rope_permutation)
         perm = perm.to(q.device)
