@@ -22,6 +22,7 @@ import torch
 
 from ..dispatch import BACKENDS
 from ..function import gated_memory_attention
+from ..install import check_transformers_version
 from ..memory import GatedMemory, GatedMemoryConfig, default_gate_hidden, default_mem_hidden
 from ..ops.reference import apply_rope, compute_dtype, gate_mlp, memory_mlp, visible_mask
 from .families import adapter_for
@@ -279,6 +280,7 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
     Returns `model` (patched in place).  Raises ValueError for an unsupported family, with
     nothing patched.
     """
+    check_transformers_version()
     config = GatedMemoryConfig() if config is None else config
     if not isinstance(config, GatedMemoryConfig):
         raise TypeError(f"config must be a lift_kernels.GatedMemoryConfig, got "
