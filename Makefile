@@ -65,9 +65,12 @@ demo: build
 	@mkdir -p out
 	$(PY) -m lift_kernels demo --json out/demo.json
 
+# The whole suite (newest transformers and Triton), then the Triton lane and the HF lane
+# with the lowest transformers of the range.
 test: build
 	$(PY) -m pytest -q tests
 	@$(MAKE) --no-print-directory test-triton-lane
+	@$(MAKE) --no-print-directory test-compat
 
 # The Triton backend's tests again under the GPU image's Triton (3.6), installed into its
 # own folder put first on PYTHONPATH (the venv keeps the newest).  With it NumPy 2.3: Triton
@@ -86,16 +89,17 @@ test-triton-lane: build
 
 # The HF tests against the lowest transformers of the range pinned in pyproject.toml,
 # installed with its own dependencies into a folder put first on PYTHONPATH (the venv keeps
-# the newest).  Downloads about 60 MB once.
-COMPAT_TRANSFORMERS := 5.0.0
+# the newest).  Downloads about 60 MB once.  Kept short for CI (make test runs it): no
+# convergence run and no Triton-interpreter cases (test_triton.py covers that backend).
+COMPAT_TRANSFORMERS ?= 5.0.0
 COMPAT_DIR := build/compat-transformers-$(COMPAT_TRANSFORMERS)
 
 test-compat: build
 	@[ -f $(COMPAT_DIR)/.installed ] || { $(PIP) install --upgrade --target $(COMPAT_DIR) \
 	  "transformers==$(COMPAT_TRANSFORMERS)" "huggingface-hub>=1,<2" "tokenizers>=0.22,<=0.23.0" \
 	  && touch $(COMPAT_DIR)/.installed; }
-	PYTHONPATH=$(COMPAT_DIR) $(PY) -m pytest -q tests/test_hf.py tests/test_hf_training.py \
-	  -k "not convergence"
+	PYTHONPATH=$(COMPAT_DIR) $(PY) -m pytest -q tests/test_hf_families.py tests/test_hf.py \
+	  tests/test_hf_training.py -k "not convergence and not triton"
 
 bench-quick: build
 	$(PY) bench/kernels.py --quick
