@@ -296,8 +296,11 @@ def _json_error(args, name: str, message: str) -> None:
     if target is True:
         print(report)
     elif isinstance(target, str):
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(report + "\n")
+        try:
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(report + "\n")
+        except OSError:  # an unwritable FILE: the error line on stderr is all there is
+            pass
 
 
 def main(argv=None) -> int:
