@@ -300,15 +300,17 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-# The loop-invariant tile of each kernel: a program keeps it on chip and streams the other
-# operand, so a larger one means less traffic per FLOP.
-_RESIDENT = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
+# Per kernel, the loop-invariant tile (a program keeps it on chip; a larger one means less
+# traffic per FLOP) and the streamed one (a larger one, fewer loop trips).
+_TILES = {"fwd": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M"),
+          "dq": ("BLOCK_M", "BLOCK_N")}
 
 
 def suggest(rows):
     """triton_common.TUNED rebuilt from autotuned rows (one arch and dtype): per (kernel,
     head dim), the configurations that launch and reload no spilled value in a hot loop,
-    larger resident tile first, then fewer spill reloads anywhere, then less shared memory."""
+    larger resident tile first, then fewer spill reloads anywhere, then larger streamed
+    tile, then less shared memory."""
     from lift_kernels.ops.triton_common import config_key
     import triton
     tuned = {}
@@ -317,7 +319,8 @@ def suggest(rows):
             continue
         key = config_key(triton.Config(row["config"], num_warps=row["warps"],
                                        num_stages=row["stages"]))
-        rank = (-row["config"][_RESIDENT[row["kernel"]]], row["spill_reloads"], row["shared"])
+        resident, streamed = (row["config"][k] for k in _TILES[row["kernel"]])
+        rank = (-resident, row["spill_reloads"], -streamed, row["shared"])
         tuned.setdefault((row["kernel"], row["head_dim"]), []).append((rank, key))
     return {k: [key for _, key in sorted(v)] for k, v in sorted(tuned.items())}
 
@@ -351,12 +354,13 @@ def main(argv=None):
         return rows
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
-    rows = []
+    rows, done = [], []
 
     def log(row):
         print(table_line(row), flush=True)
+        done.append(row)
         if args.json:  # rewritten after every row, so a long run's partial rows are kept
-            Path(args.json).write_text(json.dumps(rows + [row], indent=1))
+            Path(args.json).write_text(json.dumps(done, indent=1))
 
     for arch in args.arch:
         for dtype in args.dtype:

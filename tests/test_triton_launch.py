@@ -57,9 +57,8 @@ def gpu_tuned(monkeypatch):
     return benches
 
 
-@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.bfloat16, False),
-                                        (torch.bfloat16, True)],
-                         ids=["fp32-no-bias", "bf16-no-bias", "bf16-bias"])
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16-no-bias", "fp32-bias"])
 def test_every_gpu_config_through_the_autotuner(gpu_tuned, dtype, bias):
     """Each configuration's outputs agree with the winner's (the last), and the winner's
     output and gradients with the float64 reference (float32 keeps only the small
@@ -73,8 +72,8 @@ def test_every_gpu_config_through_the_autotuner(gpu_tuned, dtype, bias):
     for kind, bench in gpu_tuned.items():
         pruned = triton_common.prune_configs(kind, triton_common.gpu_configs(kind), {"Q": q},
                                              HEAD_DIM=case.head_dim)
-        # The autotuner times nothing when pruning leaves one configuration.
-        assert len(bench.runs) == (len(pruned) if len(pruned) > 1 else 0), kind
+        # When pruning leaves one configuration, Triton 3.9 times nothing, 3.6 times it.
+        assert len(bench.runs) == len(pruned) or len(pruned) == 1 >= len(bench.runs), kind
         for config, run in zip(pruned, bench.runs):
             for name, value in run.items():
                 assert rel_err(value, bench.runs[-1][name]) < TOL[dtype], (kind, config, name)

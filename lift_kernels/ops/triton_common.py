@@ -67,23 +67,31 @@ WEIGHT_HEURISTICS = {
 # Per kernel and head-dim class, the configurations prune_configs keeps, in the order the
 # autotuner tries them; the first is also deterministic mode's (untimed).  Rebuilt from the
 # JIT-faithful sm_90a compile report, bf16, B=4 N=4096 Hq=32 Hkv=8 (bench/triton_compile.py;
-# table and date in bench/RESULTS.md): kept are the configurations that launch (shared
-# memory measured) and reload no spilled value inside a hot loop, ordered by total spill
-# reloads, then by larger tiles; dropped are the rest.
+# table and date in bench/RESULTS.md; printed by its --suggest): kept are the configurations
+# that launch (shared memory measured) and reload no spilled value inside a hot loop, the
+# larger loop-invariant tile first (less traffic), then fewer spill reloads anywhere, then
+# the larger streamed tile, then less shared memory; dropped are the rest.
 TUNED = {
-    ("fwd", 64): [(128, 64, 32, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3),
-                  (128, 128, 64, 8, 3), (64, 64, 32, 4, 4), (64, 64, 64, 4, 4),
-                  (64, 32, 32, 8, 3)],
-    ("fwd", 128): [(128, 64, 32, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3),
-                   (128, 128, 64, 8, 3), (64, 64, 32, 4, 4), (64, 64, 64, 4, 4),
-                   (64, 32, 32, 8, 3)],
-    ("dkdv", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 4, 2), (16, 64, 4, 2),
-                   (32, 64, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (64, 64, 4, 2),
+    ("fwd", 64): [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 8, 3),
+                  (128, 64, 64, 8, 3), (128, 64, 32, 4, 4), (128, 64, 64, 4, 4),
+                  (128, 32, 32, 8, 2), (128, 32, 64, 8, 2), (64, 64, 32, 4, 4),
+                  (64, 64, 64, 4, 4), (64, 32, 32, 4, 3), (64, 32, 32, 8, 3),
+                  (64, 32, 64, 4, 3), (64, 32, 64, 8, 3)],
+    ("fwd", 128): [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 8, 3),
+                   (128, 64, 64, 8, 3), (128, 32, 32, 8, 2), (128, 32, 64, 8, 2),
+                   (64, 64, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 3),
+                   (64, 32, 32, 8, 3), (64, 32, 64, 4, 3), (64, 32, 64, 8, 3)],
+    ("dkdv", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 4, 2), (32, 64, 8, 2),
+                   (32, 64, 4, 3), (16, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2),
                    (32, 32, 4, 3)],
     ("dkdv", 128): [(32, 128, 8, 3), (32, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 3),
                     (64, 64, 8, 2), (32, 32, 4, 3)],
-    ("dq", 64): [(64, 32, 32, 8, 2), (64, 64, 32, 8, 2)],
-    ("dq", 128): [(64, 32, 32, 8, 2), (64, 64, 32, 8, 2)],
+    ("dq", 64): [(128, 32, 32, 8, 2), (64, 64, 32, 8, 2), (64, 64, 32, 4, 3),
+                 (64, 32, 32, 4, 2), (64, 32, 32, 8, 2), (64, 32, 64, 4, 2),
+                 (32, 64, 32, 4, 2), (32, 32, 32, 4, 3)],
+    ("dq", 128): [(128, 32, 32, 8, 2), (64, 64, 32, 8, 2), (64, 32, 32, 8, 2),
+                  (64, 32, 32, 4, 2), (64, 64, 32, 4, 3), (64, 32, 64, 4, 2),
+                  (32, 32, 32, 4, 3)],
 }
 
 
