@@ -133,18 +133,30 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
     batch, n = hidden_states.shape[:2]
     q, k, v = adapter.project(self, hidden_states)  # [B, N, H, D]
     cos, sin = adapter.rope(self, position_embeddings)
+    if cos is not None and cos.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{adapter.model_type}: RoPE over {cos.shape[-1]} of the head's "
+                         f"{q.shape[-1]} features (partial rotary, cos {tuple(cos.shape)}) is "
+                         f"not supported; the op rotates whole heads")
+    perm = adapter.rope_permutation(self) if cos is not None else None
+    if perm is not None:  # the op's RoPE layout (see Adapter.rope_permutation)
+        perm = perm.to(q.device)
+        q, k, cos, sin = q[..., perm], k[..., perm], cos[..., perm], sin[..., perm]
     k = apply_rope(k, cos, sin)
     # Under autocast the projections come out in the autocast dtype while cos/sin may not;
     # the op wants q, k, v in one dtype.
     k, v = k.to(q.dtype), v.to(q.dtype)
     if cache is not None:
-        # The cache holds [B, H, N, D]; transposing back gives [B, Nk, H, D] views.  The
-        # dict is what transformers < 5.17 reads (static caches need cache_position); later
-        # versions ignore it.
+        # The cache holds [B, H, N, D] in the model's layout; transposing back gives
+        # [B, Nk, H, D] views.  The dict is what transformers < 5.17 reads (static caches
+        # need cache_position); later versions ignore it.
         cache_kwargs = {"sin": sin, "cos": cos,
                         "cache_position": kwargs.pop("cache_position", None)}
+        if perm is not None:
+            k = k[..., torch.argsort(perm)]
         k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, cache_kwargs)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if perm is not None:
+            k = k[..., perm]
     dropout = self.attention_dropout if self.training else 0.0
     window_size = op_window(adapter, self)
     # Any other mask (padding, a static cache's empty slots) takes the exact path.
