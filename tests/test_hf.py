@@ -171,7 +171,8 @@ def test_backends_agree_on_cuda(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_path_agrees_with_op(family):
-    """An unpadded row of a padded batch (exact path) equals the same row alone (op)."""
+    """An unpadded row of a padded batch (the op on packed tokens; test_hf_varlen.py compares
+    it with the exact path) equals the same row alone (op)."""
     model = tiny_model(family)
     lift_kernels.replace_attention(model, backend="reference")
     randomize_memory(model)
@@ -385,8 +386,9 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_eager_attention_masks_take_the_exact_path(family):
-    """With attn_implementation="eager" the model always builds a float mask, so every
-    layer takes the exact path; it must agree with the op under sdpa (no mask)."""
+    """With attn_implementation="eager" the model always builds a float mask (here plain
+    causal, which the layers recognise and hand to the op, as padding masks are); it must
+    agree with the op under sdpa (no mask)."""
     sdpa = tiny_model(family)
     eager = tiny_model(family, attn_implementation="eager")
     for model in (sdpa, eager):
