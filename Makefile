@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-compat build bench bench-quick gpu-check clean
+.PHONY: demo test test-compat test-triton-lane build bench bench-quick gpu-check clean
 
 # The virtual environment: reuses an importable torch, else installs the CPU build of
 # $(TORCH) (an unpinned torch would pull a multi-GB CUDA build).
@@ -31,6 +31,22 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+	@$(MAKE) --no-print-directory test-triton-lane
+
+# The Triton backend's tests again under the GPU image's Triton (3.6), installed into its
+# own folder put first on PYTHONPATH (the venv keeps the newest).  With it NumPy 2.3: Triton
+# 3.6's interpreter turns loop bounds into ints with int() of a one-element array, which
+# NumPy 2.4 rejects.  torch stays the venv's (the image's torch 2.11 has no CPU build on
+# PyPI for Linux).  Downloads about 190 MB once.
+LANE_TRITON := 3.6.0
+LANE_DIR := build/triton-$(LANE_TRITON)
+
+test-triton-lane: build
+	@[ -f $(LANE_DIR)/.installed ] || { $(PIP) install --target $(LANE_DIR) --no-deps \
+	  "triton==$(LANE_TRITON)" "numpy==2.3.5" && touch $(LANE_DIR)/.installed; }
+	PYTHONPATH=$(LANE_DIR) $(PY) -c "import triton; assert triton.__version__ == '$(LANE_TRITON)'"
+	PYTHONPATH=$(LANE_DIR) $(PY) -m pytest -q tests/test_triton.py tests/test_triton_launch.py \
+	  tests/test_triton_compile.py
 
 # The HF tests against the lowest transformers of the range pinned in pyproject.toml,
 # installed with its own dependencies into a folder put first on PYTHONPATH (the venv keeps

@@ -29,7 +29,8 @@ def available_backends(device="cpu") -> list:
 # The HF integration (lift_kernels.hf), loaded on first use so that the kernels import
 # without transformers.
 _HF_NAMES = ("replace_attention", "restore_attention", "freeze_base_model", "memory_parameters",
-             "memory_disabled", "save_memory", "load_memory", "collect_gates", "memory_slots")
+             "memory_disabled", "save_memory", "load_memory", "collect_gates",
+             "supported_families", "memory_slots")
 
 
 def __getattr__(name):

@@ -44,12 +44,20 @@ class Problem:
     has_gate_bias: bool  # c1
     has_rope: bool
     causal: bool
+    # (left, right), -1 unbounded; (-1, -1) when nothing beyond `causal` is masked (causal
+    # already bounds the right side, so a causal call has right = -1 here).
+    window_size: tuple = (-1, -1)
+    softcap: float = 0.0  # 0: off
     # Packed variable-length input (cu_seqlens_q/k given): `batch` is the number of
     # sequences S, `nq`/`nk` are max_seqlen_q/k and these the packed row counts; else None.
     total_q: int | None = None
     total_k: int | None = None
     # Memory slots K of weights with a leading slot dimension (memory_index given), else None.
     num_slots: int | None = None
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_size != (-1, -1)
 
     @property
     def varlen(self) -> bool:
@@ -92,10 +100,29 @@ def _need_bool(name, x):
         raise TypeError(f"{name} must be a bool, got {x!r}")
 
 
+def normalize_window(window_size, causal: bool, nq: int, nk: int) -> tuple:
+    """Checks window_size and returns it as (left, right) ints with -1 for every side that
+    bounds nothing: the right side when `causal` (which bounds it at 0, as in
+    FlashAttention), a left side >= Nk - 1 and a right side >= Nq - 1 (wider than the
+    sequences), so that backends without windows can serve such calls."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size sides must be >= 0, or -1 for unbounded, got "
+                         f"{tuple(window_size)!r}")
+    if left >= nk - 1:
+        left = -1
+    if causal or right >= nq - 1:
+        right = -1
+    return (left, right)
+
+
 def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_scale,
-             gate_scale, gate_shift, return_gate, backend, deterministic, cu_seqlens_q=None,
-             cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-             memory_index=None) -> Problem:
+             gate_scale, gate_shift, return_gate, backend, deterministic,
+             window_size=(-1, -1), softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+             max_seqlen_q=None, max_seqlen_k=None, memory_index=None) -> Problem:
     """Checks every argument of gated_memory_attention; raises TypeError/ValueError naming
     the argument with the expected and the actual value.  Returns the Problem."""
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -196,14 +223,18 @@ def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_s
         _need_number("softmax_scale", softmax_scale, positive=True)
     _need_number("gate_scale", gate_scale)
     _need_number("gate_shift", gate_shift)
+    if packed:  # from here on nq, nk are the longest sequences
+        nq, nk = max_seqlen_q, max_seqlen_k
+    window = normalize_window(window_size, causal, nq, nk)
+    _need_number("softcap", softcap)
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 turns it off), got {softcap!r}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
-    if packed:
-        nq, nk = max_seqlen_q, max_seqlen_k
     return Problem(batch, nq, nk, hq, hkv, d, mem_hidden, gate_hidden, q.dtype,
                    weight_dtypes.pop(), q.device, b1 is not None, b2 is not None,
-                   c1 is not None, cos is not None, causal,
+                   c1 is not None, cos is not None, causal, window, float(softcap),
                    total_q=varlen.get("total_q"), total_k=varlen.get("total_k"),
                    num_slots=slots[0] if slots else None)
 
@@ -322,6 +353,14 @@ def unsupported_reason(name: str, problem: Problem) -> str | None:
         return (f"the {name} backend does not take packed sequences (cu_seqlens_q/k) or memory "
                 f"slots (memory_index) yet; the reference and torch backends do")
     return module.unsupported_reason(name, problem)
+
+
+def takes_varlen(backend: str) -> bool:
+    """Whether `backend` takes packed sequences and memory slots at all ("auto" does: it
+    falls back to a backend that does), so a caller can choose another layout instead."""
+    if backend == "auto" or backend in AUTOGRAD_BACKENDS:
+        return True
+    return getattr(FUSED_BACKENDS.get(backend), "SUPPORTS_VARLEN", False)
 
 
 # Below this many query rows `auto` prefers `torch` on CPU.  Measured on 2 cores

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 import lift_kernels  # noqa: E402
 from lift_kernels.hf import patch as hf_patch  # noqa: E402
 
-from test_hf import FAMILIES, logits, randomize_memory, rel, tiny_model, tokens  # noqa: E402
+import hf_families  # noqa: E402
+from test_hf import logits, randomize_memory, rel, tiny_model, tokens  # noqa: E402
 
 
 @pytest.fixture
@@ -57,14 +58,22 @@ def _loss_and_grads(model, ids, mask):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("family,attn", [(f, "sdpa") for f in FAMILIES] + [("llama", "eager")])
-def test_padded_batch_runs_packed_and_agrees_with_exact_path(family, attn, packed_calls,
+AGREEMENT = [  # family, attention implementation, a hole in the padding
+    ("llama", "sdpa", True), ("llama", "eager", True), ("qwen3", "sdpa", True),
+    ("smollm3", "sdpa", True),                          # a layer without RoPE
+    ("qwen2", "sdpa", False), ("mistral", "sdpa", False),  # windows that cut
+    ("gemma2", "eager", False),                         # window and soft-capping
+]
+
+
+@pytest.mark.parametrize("family,attn,hole", AGREEMENT)
+def test_padded_batch_runs_packed_and_agrees_with_exact_path(family, attn, hole, packed_calls,
                                                              monkeypatch):
-    model = tiny_model(family, attn_implementation=attn)
+    model = hf_families.tiny_model(family, attn_implementation=attn)
     lift_kernels.replace_attention(model, backend="torch")
     randomize_memory(model)
     ids = tokens(batch=3, n=11)
-    mask = padding_mask(ids)
+    mask = padding_mask(ids, hole)
     keep = mask.bool()
     packed_logits, packed_loss, packed_grads = _loss_and_grads(model, ids, mask)
     assert len(packed_calls) == model.config.num_hidden_layers
@@ -80,14 +89,19 @@ def test_padded_batch_runs_packed_and_agrees_with_exact_path(family, attn, packe
 
 
 def test_masks_the_op_cannot_take_stay_exact(packed_calls):
-    """A sliding window that cuts (Mistral, window 4 < 11 tokens) and a cache: exact path."""
-    model = tiny_model("mistral", sliding_window=4)
+    """A window that cuts with a hole in the padding (the op would count the window in
+    packed positions), and keys from a cache: the exact path."""
+    model = hf_families.tiny_model("mistral")
     lift_kernels.replace_attention(model, backend="torch")
     randomize_memory(model)
     ids = tokens(batch=3, n=11)
     logits(model, ids, attention_mask=padding_mask(ids))
-    model(ids, attention_mask=padding_mask(ids), use_cache=True)
     assert packed_calls == []
+    out = model(ids[:, :6], attention_mask=padding_mask(ids)[:, :6], use_cache=True)
+    calls = len(packed_calls)  # the prefill packs ...
+    model(ids[:, 6:8], attention_mask=padding_mask(ids)[:, :8],
+          past_key_values=out.past_key_values)
+    assert len(packed_calls) == calls  # ... the next call, with cached keys, does not
 
 
 def _slot_models(family="llama", num_memories=3, **extra):
@@ -141,6 +155,23 @@ def test_memory_slots_select_per_batch_row(padded, exact, monkeypatch):
         alone = logits(singles[slot], ids[row:row + 1, keep])
         assert rel(batched[row, keep], alone[0]) <= 1e-5, (row, slot)
     assert rel(batched[1], batched[0]) > 1e-2  # the slots really differ
+
+
+@pytest.mark.skipif("cpu" not in lift_kernels.available_backends("cpu"),
+                    reason="lift_kernels._C is not built")
+def test_backend_without_varlen_takes_the_exact_path(packed_calls):
+    """An explicit fused backend that takes no packed input or slots (cpu, today): padded
+    batches and memory slots run the exact path and agree with torch."""
+    model, _ = _slot_models()
+    ids = tokens(batch=3, n=11)
+    mask = padding_mask(ids)
+    with lift_kernels.memory_slots(model, [1, 0, 2]):
+        expected = logits(model, ids, attention_mask=mask)
+        calls = len(packed_calls)
+        lift_kernels.replace_attention(model, backend="cpu")
+        got = logits(model, ids, attention_mask=mask)
+    assert len(packed_calls) == calls
+    assert rel(got[mask.bool()], expected[mask.bool()]) <= 1e-5
 
 
 def test_memory_slots_generate():

@@ -37,6 +37,8 @@ class VCase:
     rope: bool = True
     causal: bool = True
     dtype: torch.dtype = torch.float32
+    window: tuple = (-1, -1)  # window_size
+    softcap: float = 0.0
 
     @property
     def keys(self):
@@ -112,7 +114,8 @@ def run_backend(backend, case, t, seed=7):
     leaves = _leaves(t)
     out, gate = gated_memory_attention(
         *(leaves[n] for n in NAMES), cos=t["cos"], sin=t["sin"], causal=case.causal,
-        return_gate=True, backend=backend, **t["kw"])
+        window_size=case.window, softcap=case.softcap, return_gate=True, backend=backend,
+        **t["kw"])
     return out.detach(), gate.detach(), _backward(out, gate, leaves, seed)
 
 
@@ -139,8 +142,8 @@ def run_oracle(case, t, seed=7):
                    else leaves[n][case.slots[s]] for n in WEIGHTS]
         out, gate = gated_memory_attention(
             part(leaves["q"], qs), part(leaves["k"], rows), part(leaves["v"], rows), *weights,
-            cos=part(cos, qs), sin=part(sin, qs), causal=case.causal, return_gate=True,
-            backend="reference")
+            cos=part(cos, qs), sin=part(sin, qs), causal=case.causal, window_size=case.window,
+            softcap=case.softcap, return_gate=True, backend="reference")
         outs.append(out[0] if case.packed else out)
         gates.append(gate[0] if case.packed else gate)
     out, gate = torch.cat(outs), torch.cat(gates)
@@ -189,6 +192,10 @@ GRID = [
     VCase(lens_q=(4, 4), packed=False, slots=(0, 0), num_slots=1, rope=False),
     VCase(lens_k=(4, 2, 5, 1), slots=(1, 0, 1, 0), num_slots=2, dtype=torch.bfloat16),
     VCase(lens_q=(3, 6), lens_k=(5, 6), slots=(0, 1), num_slots=2, dtype=torch.float64),
+    # Sliding windows and soft-capping per sequence (issue 16's keywords).
+    VCase(lens_q=(6, 0, 9), lens_k=(8, 3, 9), window=(2, -1), slots=(1, 0, 1), num_slots=2),
+    VCase(lens_q=(5, 7), lens_k=(7, 4), causal=False, window=(1, 2), softcap=1.5, hkv=1,
+          bias=True),
 ]
 
 

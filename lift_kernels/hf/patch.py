@@ -23,10 +23,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import BACKENDS
+from ..dispatch import BACKENDS, takes_varlen
 from ..function import gated_memory_attention
 from ..memory import GatedMemory, GatedMemoryConfig, default_gate_hidden, default_mem_hidden
-from ..ops.reference import apply_rope, compute_dtype, gate_mlp, memory_mlp, slot_weights
+from ..ops.reference import (apply_rope, compute_dtype, gate_mlp, memory_mlp, slot_weights,
+                             visible_mask)
 from .families import adapter_for
 
 
@@ -85,14 +86,53 @@ def _exact_attention(module, patch, q, k, v, cos, sin, attention_mask, dropout, 
     return out.to(q.dtype), gate, weights
 
 
+def op_window(adapter, module) -> tuple:
+    """The op's window_size for the layer: HF's sliding window w lets query i see keys
+    i - w < j <= i, which is FlashAttention's (w - 1, 0)."""
+    window = adapter.sliding_window(module)
+    return (window - 1, -1) if window else (-1, -1)
+
+
+def _plain_causal(attention_mask, nq: int, nk: int, window_size) -> bool:
+    """Whether the mask the model built is the op's bottom-right causal (windowed) mask and
+    nothing more (no padding, no empty cache slots), so the fused op computes exactly what
+    the model's attention would.  None means plain causal attention (the model skipped
+    building a mask), which agrees with the op when Nq == Nk or Nq == 1.  An eager float
+    mask counts when every entry is 0 (visible) or at most the dtype's lowest (masked)."""
+    if attention_mask is None:
+        return nq == nk or nq == 1
+    if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
+            or tuple(attention_mask.shape[-2:]) != (nq, nk) or attention_mask.shape[1] != 1):
+        return False
+    visible = _mask_visible(attention_mask)
+    if visible is None:
+        return False
+    expected = visible_mask(nq, nk, True, window_size, attention_mask.device)
+    return bool((visible == expected).all())
+
+
+def _mask_visible(attention_mask):
+    """What a bool mask, or an additive float mask of 0 (visible) and at most the dtype's
+    lowest (masked), lets through, as bool; None for any other mask (biases)."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if attention_mask.is_floating_point():
+        visible = attention_mask == 0
+        if (visible | (attention_mask <= torch.finfo(attention_mask.dtype).min)).all():
+            return visible
+    return None
+
+
 def gated_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                             cache=None, **kwargs):
     """Replaces the attention module's forward on the instance (same signature and return
     as the families' own forward: (output [B, N, hidden], attention weights or None)).
 
     q is taken before RoPE (the memory reads it there); only k is rotated here and goes to
-    the KV cache; the op rotates q itself with the same cos/sin.  transformers < 5.24 names
-    the cache ``past_key_values`` (and < 5.17 passes ``cache_position``); all are accepted.
+    the KV cache; the op rotates q itself with the same cos/sin (none for a layer without
+    RoPE).  The layer's sliding window and soft-capping go to the op, so such layers run
+    the fused kernels too.  transformers < 5.24 names the cache ``past_key_values`` (and
+    < 5.17 passes ``cache_position``); all are accepted.
     """
     patch = self.lift_patch
     if cache is None:
@@ -101,9 +141,10 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
         patch.last_gate = None
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
                                   cache, **kwargs)
+    adapter = patch.adapter
     batch, n = hidden_states.shape[:2]
-    q, k, v = patch.adapter.project(self, hidden_states)  # [B, N, H, D]
-    cos, sin = position_embeddings
+    q, k, v = adapter.project(self, hidden_states)  # [B, N, H, D]
+    cos, sin = adapter.rope(self, position_embeddings)
     k = apply_rope(k, cos, sin)
     # Under autocast the projections come out in the autocast dtype while cos/sin may not;
     # the op wants q, k, v in one dtype.
@@ -117,34 +158,34 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
         k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, cache_kwargs)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
     dropout = self.attention_dropout if self.training else 0.0
+    window_size = op_window(adapter, self)
     memory_index = _batch_slots(patch, batch)
-    # A padding mask over this call's keys only (no cache, or a prefill): the op on the
-    # packed non-padding tokens.
-    keep = None
-    if (attention_mask is not None and k.shape[1] == n and dropout == 0.0
-            and not kwargs.get("output_attentions") and not torch.compiler.is_compiling()):
-        keep = _kept_tokens(attention_mask, batch, n)
-    if keep is not None and bool(keep.all()):
-        attention_mask, keep = None, None  # nothing padded: plain causal
-    # No mask means plain causal attention (the model skipped building one), which the op
-    # computes bottom-right aligned; that agrees with every attention implementation when
-    # Nq == Nk or Nq == 1.  Everything else takes the exact path.
-    if attention_mask is None and dropout == 0.0 and (n == k.shape[1] or n == 1):
+    # A padding mask over this call's keys only (no cache, or a prefill) runs the op on the
+    # packed non-padding tokens; any other mask (a static cache's empty slots, ...) takes
+    # the exact path, and so do packed input and memory slots on a backend that takes
+    # neither (an explicit fused one, for now).
+    varlen_ok = takes_varlen(patch.backend)
+    if (dropout == 0.0 and (memory_index is None or varlen_ok)
+            and _plain_causal(attention_mask, n, k.shape[1], window_size)):
         memory = self.gated_memory
         out, gate = gated_memory_attention(
             q, k, v, *memory.weights(), cos=cos, sin=sin, causal=True,
             softmax_scale=self.scaling, gate_scale=memory.gate_scale,
             gate_shift=memory.gate_shift, return_gate=True, backend=patch.backend,
+            window_size=window_size, softcap=adapter.softcap(self) or 0.0,
             memory_index=memory_index)
         weights = None
-    elif keep is not None:
-        out, gate = _packed_attention(self, patch, q, k, v, cos, sin, keep, memory_index)
+    elif (dropout == 0.0 and k.shape[1] == n and not kwargs.get("output_attentions")
+          and varlen_ok and not torch.compiler.is_compiling()
+          and (keep := _kept_tokens(attention_mask, batch, n, window_size)) is not None):
+        out, gate = _packed_attention(self, patch, q, k, v, cos, sin, keep, window_size,
+                                      memory_index)
         weights = None
     else:
         out, gate, weights = _exact_attention(self, patch, q, k, v, cos, sin, attention_mask,
                                               dropout, kwargs, memory_index)
     patch.last_gate = gate.detach()
-    return self.o_proj(out.reshape(batch, n, -1)), weights
+    return adapter.output(self, out.reshape(batch, n, -1)), weights
 
 
 # ------------------------------------------------ padded batches and memory slots (issue 15)
@@ -163,35 +204,46 @@ def _batch_slots(patch: LiftPatch, batch: int):
     return patch.memory_index
 
 
-def _kept_tokens(attention_mask, batch: int, n: int):
-    """keep [B, N] bool (the non-padding tokens) when `attention_mask` [B or 1, 1, N, N] (bool,
-    or additive float with 0 where visible) is exactly causal attention among each row's
-    kept tokens, the mask transformers builds from a 2-D padding mask; else None (a sliding
-    window that cuts, packed documents, biases, any other mask, a BlockMask).  Rows of
-    padding queries are not compared: transformers may fill them in, and they are dropped."""
+def _kept_tokens(attention_mask, batch: int, n: int, window_size):
+    """keep [B, N] bool (the non-padding tokens) when `attention_mask` [B or 1, 1, N, N] is
+    exactly the layer's causal (windowed) attention among each row's kept tokens, the mask
+    transformers builds from a 2-D padding mask; else None (packed documents, biases, any
+    other mask, a BlockMask).  Rows of padding queries are not compared: transformers may
+    fill them in, and they are dropped."""
     if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
             or attention_mask.shape[0] not in (1, batch) or attention_mask.shape[1] != 1
             or tuple(attention_mask.shape[2:]) != (n, n)):
         return None
-    mask = attention_mask[:, 0].expand(batch, n, n)
-    visible = mask if mask.dtype == torch.bool else mask == 0
+    visible = _mask_visible(attention_mask)
+    if visible is None:
+        return None
+    visible = visible[:, 0].expand(batch, n, n)
     keep = visible.diagonal(dim1=-2, dim2=-1)  # a real token sees itself, padding does not
-    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
-    agrees = (visible == (causal & keep[:, None, :])) | ~keep[:, :, None]
-    return keep if bool(agrees.all()) else None
+    expected = visible_mask(n, n, True, window_size, visible.device) & keep[:, None, :]
+    if not bool(((visible == expected) | ~keep[:, :, None]).all()):
+        return None
+    # The op counts a window (left side; the right is causal) in packed positions, the mask
+    # in the row's: they agree when the window cuts nothing or each row's kept tokens are
+    # one run (left or right padding, no holes).
+    runs = keep[:, 0].long() + (keep[:, 1:] & ~keep[:, :-1]).sum(1)
+    if 0 <= window_size[0] < n - 1 and bool((runs > 1).any()):
+        return None
+    return keep
 
 
-def _packed_attention(module, patch, q, k, v, cos, sin, keep, memory_index):
+def _packed_attention(module, patch, q, k, v, cos, sin, keep, window_size, memory_index):
     """The op on the packed kept tokens (batch row b is sequence b), scattered back to
     [B, N, ...] with zero output and gate at padding.  q [B, N, Hq, D], k, v [B, N, Hkv, D],
-    cos, sin [B or 1, N, D]; keep [B, N] bool."""
+    cos, sin [B or 1, N, D] or None; keep [B, N] bool."""
     batch, n = keep.shape
     lengths = keep.sum(1)
     rows = keep.flatten().nonzero().squeeze(1)  # packed row -> position in [B * N]
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     longest = int(lengths.max())
 
-    def pack(t):
+    def pack(t):  # cos/sin are None in a layer without RoPE
+        if t is None:
+            return None
         return t.expand(batch, n, *t.shape[2:]).reshape(batch * n, *t.shape[2:])[rows]
 
     memory = module.gated_memory
@@ -199,6 +251,7 @@ def _packed_attention(module, patch, q, k, v, cos, sin, keep, memory_index):
         pack(q), pack(k), pack(v), *memory.weights(), cos=pack(cos), sin=pack(sin),
         causal=True, softmax_scale=module.scaling, gate_scale=memory.gate_scale,
         gate_shift=memory.gate_shift, return_gate=True, backend=patch.backend,
+        window_size=window_size, softcap=patch.adapter.softcap(module) or 0.0,
         cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=longest,
         max_seqlen_k=longest, memory_index=memory_index)
     out = out.new_zeros(batch * n, *out.shape[1:]).index_copy(0, rows, out)
@@ -327,8 +380,8 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
     """Give every decoder layer's attention (or those in `layers`) a Gated Memory.
 
     Args:
-        model: a transformers causal LM of a supported family (llama, mistral, qwen2, qwen3),
-            possibly wrapped by PEFT (patch after get_peft_model: its LoRA on the projections
+        model: a transformers causal LM of a supported family (supported_families() lists
+            them), possibly wrapped by PEFT (patch after get_peft_model: its LoRA on the projections
             keeps working, the projections are reused, not copied).
         config: GatedMemoryConfig; None means the defaults.  bias=None follows the model
             (memory biases where the attention projections have biases, e.g. Qwen2).
