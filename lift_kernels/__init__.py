@@ -5,14 +5,9 @@ __version__ = "0.1.0"
 from .function import gated_memory_attention
 from .memory import GatedMemory, GatedMemoryConfig
 from .dispatch import BACKENDS
+from .install import build_info, warn_if_unbuilt
 
-
-def build_info() -> dict:
-    """What the compiled extension lift_kernels._C contains (version, compiler, OpenMP,
-    CUDA and its architectures).  Raises ImportError when the extension is not built."""
-    from . import _C
-
-    return _C.build_info()
+warn_if_unbuilt()
 
 
 def available_backends(device="cpu") -> list:

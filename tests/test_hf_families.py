@@ -56,7 +56,7 @@ def test_supported_families_lists_every_family():
     listed = lift_kernels.supported_families()
     assert set(listed) == set(FAMILIES)
     for info in listed.values():
-        assert info["features"] and len(info["transformers"]) == 2
+        assert info["features"] and info["transformers"] == ">=5.0,<5.25"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -205,3 +205,11 @@ def test_windowed_and_softcapped_layers_run_the_fused_kernels(family, implementa
         expected.append(((window - 1, -1) if window else (-1, -1), adapter.softcap(m) or 0.0))
     assert seen == expected
     assert any(w != (-1, -1) or c for w, c in expected)  # the tiny model has some
+
+
+def test_partial_rotary_is_refused():
+    model = tiny_model("phi3", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})
+    lift_kernels.replace_attention(model, backend="torch")
+    with pytest.raises(ValueError, match="partial rotary"):
+        logits(model, tokens())

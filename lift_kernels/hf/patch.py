@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..dispatch import BACKENDS, takes_varlen
 from ..function import gated_memory_attention
+from ..install import check_transformers_version
 from ..memory import GatedMemory, GatedMemoryConfig, default_gate_hidden, default_mem_hidden
 from ..ops.reference import (apply_rope, compute_dtype, gate_mlp, memory_mlp, slot_weights,
                              visible_mask)
@@ -145,18 +146,30 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
     batch, n = hidden_states.shape[:2]
     q, k, v = adapter.project(self, hidden_states)  # [B, N, H, D]
     cos, sin = adapter.rope(self, position_embeddings)
+    if cos is not None and cos.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{adapter.model_type}: RoPE over {cos.shape[-1]} of the head's "
+                         f"{q.shape[-1]} features (partial rotary, cos {tuple(cos.shape)}) is "
+                         f"not supported; the op rotates whole heads")
+    perm = adapter.rope_permutation(self) if cos is not None else None
+    if perm is not None:  # the op's RoPE layout (see Adapter.rope_permutation)
+        perm = perm.to(q.device)
+        q, k, cos, sin = q[..., perm], k[..., perm], cos[..., perm], sin[..., perm]
     k = apply_rope(k, cos, sin)
     # Under autocast the projections come out in the autocast dtype while cos/sin may not;
     # the op wants q, k, v in one dtype.
     k, v = k.to(q.dtype), v.to(q.dtype)
     if cache is not None:
-        # The cache holds [B, H, N, D]; transposing back gives [B, Nk, H, D] views.  The
-        # dict is what transformers < 5.17 reads (static caches need cache_position); later
-        # versions ignore it.
+        # The cache holds [B, H, N, D] in the model's layout; transposing back gives
+        # [B, Nk, H, D] views.  The dict is what transformers < 5.17 reads (static caches
+        # need cache_position); later versions ignore it.
         cache_kwargs = {"sin": sin, "cos": cos,
                         "cache_position": kwargs.pop("cache_position", None)}
+        if perm is not None:
+            k = k[..., torch.argsort(perm)]
         k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, cache_kwargs)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if perm is not None:
+            k = k[..., perm]
     dropout = self.attention_dropout if self.training else 0.0
     window_size = op_window(adapter, self)
     memory_index = _batch_slots(patch, batch)
@@ -399,6 +412,7 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
     Returns `model` (patched in place).  Raises ValueError for an unsupported family, with
     nothing patched.
     """
+    check_transformers_version()
     config = GatedMemoryConfig() if config is None else config
     if not isinstance(config, GatedMemoryConfig):
         raise TypeError(f"config must be a lift_kernels.GatedMemoryConfig, got "
