@@ -172,6 +172,47 @@ def test_fast_demo_writes_every_key_and_trains_only_memory(tmp_path, monkeypatch
         assert torch.equal(state[name], value), name
     assert len(result["gate_needle"]) == 3 and len(result["gate_needle"][0]) == 4
 
+    # The command line reproduces the demo on its written document: `absorb --recipe demo`
+    # trains the same memory, and `eval` reports the same figures.
+    for name, path in (("write_document", "doc.txt"), ("write_qa", "qa.json"),
+                       ("write_unrelated", "u.txt")):
+        assert demo.run_demo(argparse.Namespace(json=None, **{name: str(tmp_path / path)})) == 0
+    memory = tmp_path / "demo.safetensors"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo runs: the same float reductions, the same bits
+    try:
+        _reproduce_with_the_command_line(tmp_path, memory, result, absorbed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reproduce_with_the_command_line(tmp_path, memory, result, absorbed):
+    import contextlib
+    import io
+
+    import lift_kernels
+    import lift_kernels.lift as lift
+    from lift_kernels.cli import main
+
+    assert main(["absorb", "--model", "demo", "--document", str(tmp_path / "doc.txt"),
+                 "--recipe", "demo", "--epochs", "2", "--backend", result["backend"],
+                 "--out", str(memory), "--quiet"]) == 0
+    fresh, _ = lift.load_memory_file(build_model(), memory)
+    for a, b in zip(lift_kernels.memory_parameters(fresh), absorbed.params, strict=True):
+        assert torch.equal(a, b)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["eval", "--model", "demo", "--memory", str(memory), "--qa",
+                     str(tmp_path / "qa.json"), "--unrelated", str(tmp_path / "u.txt"),
+                     "--prompt", "raw", "--json"]) == 0
+    report = json.loads(buffer.getvalue())
+    assert report["recall"] == result["recall_after"]
+    for mine, theirs in (("unrelated_loss_base", "unrelated_loss_before"),
+                         ("unrelated_loss_memory", "unrelated_loss_after"),
+                         ("gate_answer_mean", "gate_needle_mean"),
+                         ("gate_unrelated_mean", "gate_unrelated_mean")):
+        assert report[mine] == pytest.approx(result[theirs], rel=1e-6), mine
+
 
 def test_evaluate_recall_loss_and_gates(tokenizer):
     """lift.evaluate on the demo model: exact and contains matches, the unrelated-text loss
