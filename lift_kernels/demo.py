@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .install import missing_extra
 from .demo_model import WINDOW, build_model, build_tokenizer, text
 
 RECIPE = "demo"
@@ -166,6 +167,10 @@ def _run(args, document: str, facts: list) -> int:
     heatmap = getattr(args, "heatmap", None) or (
         Path(args.json).with_suffix(".gates.png") if getattr(args, "json", None)
         else Path("lift-demo-gates.png"))
+    # matplotlib is optional (the `plot` extra): without it everything but the PNG is made.
+    no_plot = missing_extra("plot", "the gate heatmap")
+    if no_plot:
+        print(f"demo: {no_plot}; it would be written to {heatmap}")
     started = time.perf_counter()
     tokenizer, model = build_tokenizer(), build_model()
     config = demo_config(args)
@@ -186,8 +191,9 @@ def _run(args, document: str, facts: list) -> int:
     absorb_seconds = time.perf_counter() - absorb_started
     model, stats = result.model, result.stats
     after = evaluate.evaluate(model, tokenizer, pairs, unrelated, prompt="raw")
-    gate_heatmap(torch.tensor(after.gate_answer), torch.tensor(after.gate_unrelated),
-                 Path(heatmap))
+    if not no_plot:
+        gate_heatmap(torch.tensor(after.gate_answer), torch.tensor(after.gate_unrelated),
+                     Path(heatmap))
     predicted = [[row["completion"].replace(" ", "") for row in rows]
                  for rows in (before[1], truncated[1], after.answers)]
 
@@ -206,7 +212,8 @@ def _run(args, document: str, facts: list) -> int:
     print(f"loss on unrelated text {after.unrelated_loss_base:.3f} -> "
           f"{after.unrelated_loss_memory:.3f} nats/token (what the memory costs elsewhere)")
     print(f"mean gate at the code-predicting positions {after.gate_answer_mean:.3f} vs "
-          f"{after.gate_unrelated_mean:.3f} on unrelated text; heatmap: {heatmap}")
+          f"{after.gate_unrelated_mean:.3f} on unrelated text; heatmap: "
+          f"{f'not drawn (no matplotlib), would be {heatmap}' if no_plot else heatmap}")
     out = {
         "recall_before": before[0], "recall_after": after.recall,
         "recall_truncated_context": truncated[0], "num_needles": len(facts),
@@ -227,7 +234,8 @@ def _run(args, document: str, facts: list) -> int:
         "gate_needle_mean": after.gate_answer_mean,
         "gate_unrelated_mean": after.gate_unrelated_mean,
         "gate_needle": after.gate_answer, "gate_unrelated": after.gate_unrelated,
-        "gate_heatmap": str(heatmap), "recipe_name": RECIPE, "recipe": config.to_dict(),
+        "gate_heatmap": None if no_plot else str(heatmap), "recipe_name": RECIPE,
+        "recipe": config.to_dict(),
         "total_seconds": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -525,3 +526,16 @@ def test_absorb_with_selection_and_kl_anchor_keeps_the_base_closer():
         kl = {w: sum(float(loss_of(r.model, a, "cpu")) for a in anchors)
               for w, r in runs.items()}
     assert kl[30.0] < 0.3 * kl[0.0], kl  # measured: 0.006 vs 0.054
+
+
+def test_absorb_warns_when_its_samples_exceed_the_model_window():
+    tok = make_tokenizer()
+    model = make_model(tok)
+    model.config.max_position_embeddings = 24  # FAST's 32-token segments do not fit
+    # <bos> + 32 segment tokens = 33 positions
+    with pytest.warns(RuntimeWarning, match="up to 33 tokens exceed the model's window of 24"):
+        absorb(model, tok, make_document(60), config=LiftConfig(**FAST), progress=False)
+    model = make_model(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        absorb(model, tok, make_document(60), config=LiftConfig(**FAST), progress=False)
