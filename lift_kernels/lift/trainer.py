@@ -85,8 +85,8 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
     """Train `params` (already the only tensors with requires_grad) over the phases.
 
     Each optimiser step's gradient is that of sample_weights' weighted sum of its samples'
-    losses (the mean token loss; KL for anchors); a rank computes its round-robin share, the shares are summed over ranks,
-    then clipped to config.max_grad_norm and applied by one AdamW for all phases."""
+    losses (the mean token loss; KL for anchors); a rank computes its round-robin share, the
+    shares are summed over ranks, then clipped to config.max_grad_norm and applied by one AdamW for all phases."""
     from tqdm.auto import tqdm
 
     ctx = ctx or DistContext()
