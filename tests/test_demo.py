@@ -80,6 +80,16 @@ def test_write_document(tmp_path):
     assert path.read_text() == text.document()[0]
 
 
+def test_other_document_option_writes_that_document(tmp_path):
+    args = argparse.Namespace(json=None, write_document=str(tmp_path / "d.txt"),
+                              write_qa=str(tmp_path / "qa.json"), other_document=2)
+    assert demo.run_demo(args) == 0
+    document, facts = text.other_document(2)
+    assert (tmp_path / "d.txt").read_text() == document
+    assert [p["answer"] for p in json.loads((tmp_path / "qa.json").read_text())] == \
+        [code for _, _, code in facts]
+
+
 def test_write_qa_and_unrelated(tmp_path):
     args = argparse.Namespace(json=None, write_document=None, write_qa=str(tmp_path / "qa.json"),
                               write_unrelated=str(tmp_path / "u.txt"))
