@@ -8,6 +8,8 @@ parameters of a model, which then answers questions about it without (all of) it
     print(answer(result.model, tok, "Who is the narrator's brother?"))
 
 Later, on a fresh base: `model, _ = load_memory_file(model, "book.safetensors")`.
+Named recipes: `recipe("demo", seed=1)` (RECIPES); what a memory does:
+`evaluate.evaluate(model, tok, pairs, unrelated_lines)`.
 """
 
 from .adapters import load as load_memory_file
