@@ -8,9 +8,11 @@
 # Needs python3 with torch, triton, transformers (and pytest for the tests; matplotlib for
 # the plot, else it is skipped), pybind11, cmake, ninja and nvcc.  No network, no installs.
 # Each step has its own time limit and a failing step does not stop the next; the whole
-# script stays within about 8 minutes.  OUT_DIR gets at most 8 files, none in subfolders:
+# script stays within about 8 minutes, plus up to 4 x T_CUDA for the cuda checks.  OUT_DIR
+# gets at most 8 files, none in subfolders:
 #   build.log  tests.log  bench.log  bench.json  bench.csv  bench.png  lift_step.json  summary.txt
-# Time limits (seconds) can be changed through the environment: T_BUILD T_TESTS T_BENCH T_LIFT.
+# Time limits (seconds) can be changed through the environment: T_BUILD T_TESTS T_BENCH T_LIFT
+# T_CUDA (each cuda_check / compute-sanitizer step).
 
 set -uo pipefail
 
@@ -93,6 +95,21 @@ else
   # would compile every configuration).
   step tests "$T_TESTS" "$OUT/tests.log" env LIFT_TEST_DEVICE=cuda LIFT_KERNELS_TRITON_CONFIGS=1 \
     "$PY" -m pytest -q -rfEs $tests
+fi
+
+# 2b. The cuda backend: correctness gate at the benchmark shape against the torch backend,
+# then compute-sanitizer (memcheck, racecheck, synccheck) on a small shape.  Logged with the
+# tests.
+if [ $DRY -eq 0 ]; then
+  step cuda_gate "${T_CUDA:-60}" "$OUT/tests.log" "$PY" bench/cuda_check.py
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck synccheck; do
+      step "$tool" "${T_CUDA:-60}" "$OUT/tests.log" compute-sanitizer --tool "$tool" \
+        --error-exitcode 1 "$PY" bench/cuda_check.py --tiny
+    done
+  else
+    echo "compute-sanitizer: not on PATH, skipped" >>"$OUT/tests.log"
+  fi
 fi
 
 if [ $DRY -eq 1 ]; then
