@@ -18,8 +18,9 @@
 //             with 16-byte writes.
 // GQA: query head h reads kv head h / (Hq / Hkv).  The same algorithm as csrc/cpu/fwd.cpp
 // (the CPU twin, which checks the math on machines without a GPU), except that the gate and
-// the memory MLP run on tensor cores with the weights and the query rounded to 16 bits, and
-// the gated mix reads attn rounded to 16 bits.
+// the memory MLP run on tensor cores with the weights and the query rounded to 16 bits, the
+// gated mix reads attn rounded to 16 bits, and the key blocks go last to first (the online
+// softmax's result is the same up to float rounding).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -440,6 +441,7 @@ void launch_forward(const AttnParams& p) {
   using Traits = cute_fwd::FwdTraits<D, typename cute_fwd::CuteElement<T>::type>;
   static_assert(Traits::kGateCols == kGateCols, "launch.h and kernel_traits.h disagree");
   static_assert(Traits::kBlockN == kChunk, "the MLP's hidden chunk is the key block");
+  static_assert(Traits::kBlockM == Traits::kBlockN, "the epilogue stages out in K's buffer");
   if (p.w1t_mma == nullptr || p.w2_mma == nullptr || p.g1t_mma == nullptr)
     throw std::invalid_argument("the CUDA forward needs the weights' tensor-core copies");
   const auto kernel = cute_fwd::forward_kernel<Traits>;
