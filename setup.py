@@ -2,10 +2,14 @@
 
 Environment: LIFT_KERNELS_CUDA=0/1 forces the CUDA part off/on (default: on when nvcc is
 found); LIFT_KERNELS_CUDA_ARCHS="80;90a" picks the architectures; MAX_JOBS caps parallelism.
+Each build reads them afresh: nothing sticks in the CMake cache from an earlier build.
 """
 
+import hashlib
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,31 +30,66 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _tool(name: str) -> str:
+    """The absolute path of a build tool: the one on PATH (pip's isolated build puts its own
+    cmake and ninja first there), else the one the `cmake`/`ninja` Python packages bring."""
+    found = shutil.which(name)
+    if found is None:
+        module = __import__(name)
+        found = str(Path(module.BIN_DIR) / name)
+    return str(Path(found).resolve())
+
+
+def build_dir_for(toolchain: dict) -> Path:
+    """The CMake build folder of this toolchain (interpreter, cmake, ninja, pybind11).
+
+    A CMake cache remembers the tools that configured it, and pip's build isolation deletes
+    its temporary cmake and ninja after the build; so each toolchain gets its own folder
+    (an editable install and `make build` reuse theirs and rebuild incrementally), and the
+    folders of toolchains whose tools are gone are removed.  Build options are not part of
+    the key: every configure passes all of them (build_extension)."""
+    key = hashlib.sha256(json.dumps(toolchain, sort_keys=True).encode()).hexdigest()[:12]
+    root = ROOT / "build"
+    for old in root.glob("cmake-*/lift-toolchain.json"):
+        tools = json.loads(old.read_text())
+        if not all(Path(tools[t]).exists() for t in ("python", "cmake", "ninja")):
+            shutil.rmtree(old.parent, ignore_errors=True)
+    build_dir = root / f"cmake-{sys.implementation.cache_tag}-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    (build_dir / "lift-toolchain.json").write_text(json.dumps(toolchain, indent=1))
+    return build_dir
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        # A persistent build folder in the tree: `pip install -e .` and later rebuilds reuse
-        # the CMake cache and rebuild only what changed.
-        build_dir = ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}"
-        build_dir.mkdir(parents=True, exist_ok=True)
+        toolchain = {"python": sys.executable, "cmake": _tool("cmake"), "ninja": _tool("ninja"),
+                     "pybind11": pybind11.get_cmake_dir()}
+        build_dir = build_dir_for(toolchain)
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-Dpybind11_DIR={toolchain['pybind11']}",
+            f"-DCMAKE_MAKE_PROGRAM={toolchain['ninja']}",
             f"-DLIFT_KERNELS_VERSION={read_version()}",
             "-DCMAKE_BUILD_TYPE=Release",
             "-G", "Ninja",
         ]
+        # Every option on every configure: an unset variable removes its cached value, so the
+        # CMakeLists.txt default applies again (no option sticks from an earlier build).
         cuda = os.environ.get("LIFT_KERNELS_CUDA")
-        if cuda is not None:
-            args.append(f"-DLIFT_KERNELS_CUDA={'ON' if cuda == '1' else 'OFF'}")
-        if os.environ.get("LIFT_KERNELS_CUDA_ARCHS"):
-            args.append(f"-DLIFT_KERNELS_CUDA_ARCHS={os.environ['LIFT_KERNELS_CUDA_ARCHS']}")
+        if cuda not in (None, "", "0", "1"):
+            raise ValueError(f"LIFT_KERNELS_CUDA must be 0 or 1 (or unset), got {cuda!r}")
+        args.append(f"-DLIFT_KERNELS_CUDA={'ON' if cuda == '1' else 'OFF'}" if cuda
+                    else "-ULIFT_KERNELS_CUDA")
+        archs = os.environ.get("LIFT_KERNELS_CUDA_ARCHS")
+        args.append(f"-DLIFT_KERNELS_CUDA_ARCHS={archs}" if archs else "-ULIFT_KERNELS_CUDA_ARCHS")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+        subprocess.run([toolchain["cmake"], str(ROOT), *args], cwd=build_dir, check=True)
+        subprocess.run([toolchain["cmake"], "--build", ".", "-j", jobs], cwd=build_dir,
+                       check=True)
 
 
 setup(

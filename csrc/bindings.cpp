@@ -78,6 +78,9 @@ lift::AttnParams params_from(const py::dict& d, bool backward) {
   p.gate_scale = d["gate_scale"].cast<float>();
   p.gate_shift = d["gate_shift"].cast<float>();
   p.causal = d["causal"].cast<bool>();
+  if (d.contains("window_left")) p.window_left = d["window_left"].cast<int64_t>();
+  if (d.contains("window_right")) p.window_right = d["window_right"].cast<int64_t>();
+  if (d.contains("softcap")) p.softcap = d["softcap"].cast<float>();
   p.stream = d.contains("stream") ? d["stream"].cast<int64_t>() : 0;
   if (backward) {
     p.dout = pointer<const void>(d, "dout");

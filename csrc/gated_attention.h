@@ -75,6 +75,11 @@ struct AttnParams {
   float scale = 1.f;  // softmax scale
   float gate_scale = 3.f, gate_shift = 1.f;
   bool causal = true;
+  // Sliding window around the bottom-right diagonal d(i) = i + nk - nq: query i sees key j
+  // iff d(i) - window_left <= j <= d(i) + window_right, -1 being unbounded (FlashAttention's
+  // convention); causal bounds the right side at 0 by itself.
+  int64_t window_left = -1, window_right = -1;
+  float softcap = 0.f;  // > 0: scaled scores s -> softcap * tanh(s / softcap)
   int64_t stream = 0;  // cudaStream_t as an integer (CUDA only)
 };
 
@@ -141,6 +146,14 @@ LIFT_HD float softmax_lse(float m, float l) {
 // Bottom-right causal mask: query i sees key j iff j <= i + nk - nq.
 LIFT_HD bool causal_visible(int64_t i, int64_t j, int64_t nq, int64_t nk) {
   return j <= i + nk - nq;
+}
+
+// Whether query i sees key j: causal and the sliding window, bottom-right aligned.
+LIFT_HD bool key_visible(int64_t i, int64_t j, int64_t nq, int64_t nk, bool causal,
+                         int64_t window_left, int64_t window_right) {
+  const int64_t offset = j - (i + nk - nq);
+  return (!causal || offset <= 0) && (window_left < 0 || offset >= -window_left) &&
+         (window_right < 0 || offset <= window_right);
 }
 
 // out = (1 - g) attn + g mem

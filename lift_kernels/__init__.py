@@ -5,14 +5,9 @@ __version__ = "0.1.0"
 from .function import gated_memory_attention
 from .memory import GatedMemory, GatedMemoryConfig
 from .dispatch import BACKENDS
+from .install import build_info, warn_if_unbuilt
 
-
-def build_info() -> dict:
-    """What the compiled extension lift_kernels._C contains (version, compiler, OpenMP,
-    CUDA and its architectures).  Raises ImportError when the extension is not built."""
-    from . import _C
-
-    return _C.build_info()
+warn_if_unbuilt()
 
 
 def available_backends(device="cpu") -> list:
@@ -29,7 +24,8 @@ def available_backends(device="cpu") -> list:
 # The HF integration (lift_kernels.hf), loaded on first use so that the kernels import
 # without transformers.
 _HF_NAMES = ("replace_attention", "restore_attention", "freeze_base_model", "memory_parameters",
-             "memory_disabled", "save_memory", "load_memory", "collect_gates")
+             "memory_disabled", "save_memory", "load_memory", "collect_gates",
+             "supported_families")
 
 
 def __getattr__(name):

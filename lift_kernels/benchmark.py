@@ -52,6 +52,7 @@ import torch
 from . import __version__, available_backends, build_info
 from .dispatch import BACKENDS
 from .function import gated_memory_attention
+from .install import missing_extra
 from .ops.reference import apply_rope, gate_mlp, memory_mlp
 from .ops.torch_composite import sdpa_attention
 
@@ -778,6 +779,9 @@ def main(argv=None) -> int:
         if args.csv:
             write_csv(args.csv, rows)
 
+    no_plot = args.plot and missing_extra("plot", "--plot")
+    if no_plot:  # said before the work; the table, JSON and CSV are written all the same
+        print(f"{no_plot}; no plot will be written to {args.plot}", flush=True)
     env = environment(device, args.threads)
     print(f"{len(shapes)} shapes x {len(backends)} contenders ({', '.join(backends)}) on "
           f"{env['device_name']}", flush=True)
@@ -791,7 +795,7 @@ def main(argv=None) -> int:
     if args.plot:
         why = write_plot(args.plot, rows, env)
         if why:
-            print(f"no plot written: {why}")
+            print(f"no plot written to {args.plot}: {why}")
     failed = [r for r in rows if r["status"] == "error"]
     return 1 if failed else 0
 

@@ -4,6 +4,7 @@
     lift-kernels absorb --model PATH|demo --document FILE --out MEMORY.safetensors [options]
     lift-kernels ask --model PATH|demo --memory MEMORY.safetensors --question TEXT [options]
     lift-kernels bench [benchmark options]
+    lift-kernels --version          what this installation holds (lift_kernels.build_info())
 
 `absorb` runs data-parallel under `torchrun --nproc_per_node K` (rank 0 writes and prints).
 Exit codes: see EXIT_CODES."""
@@ -25,22 +26,51 @@ EXIT_CODES = {
     "memory": 6,         # memory file missing, not ours, or made for another model
     "qa": 7,             # QA file invalid
     "distributed": 8,    # a rank failed or timed out
+    "missing_extra": 9,  # an optional package is not installed (the message names the extra)
 }
 
 
 def _error_kinds():
+    from .install import MissingExtraError
     from .lift import (DistributedError, DocumentError, MemoryFileError, ModelLoadError,
                        QAError, UnsupportedModelError)
 
     # Order matters: the specific ValueError subclasses before ValueError itself.
-    return ((DocumentError, "document"), (ModelLoadError, "model"),
-            (UnsupportedModelError, "unsupported"), (MemoryFileError, "memory"),
-            (QAError, "qa"), (DistributedError, "distributed"), (ValueError, "usage"))
+    return ((MissingExtraError, "missing_extra"), (DocumentError, "document"),
+            (ModelLoadError, "model"), (UnsupportedModelError, "unsupported"),
+            (MemoryFileError, "memory"), (QAError, "qa"), (DistributedError, "distributed"),
+            (ValueError, "usage"))
+
+
+def _require_extras(adapter: str | None = None, backend: str | None = None) -> None:
+    """Raise MissingExtraError (exit code 9), before any work starts, when the adapter or
+    backend a command will use needs an optional package that is not installed."""
+    from .install import require_extra
+
+    if adapter == "lora":
+        require_extra("lora", "--adapter lora")
+    if backend == "triton":
+        require_extra("triton", "--backend triton")
+
+
+class _Version(argparse.Action):
+    """`--version`: the package version, the compiled backends and the libraries found."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .install import build_info, describe
+
+        print(describe(build_info()))
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lift-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version,
+                        help="print the version, the compiled backends and the libraries found")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the embedded offline LIFT demo")
@@ -156,6 +186,7 @@ def cmd_absorb(args, say) -> int:
     from .lift.distributed import barrier, shutdown
 
     config = _lift_config(args)
+    _require_extras(config.adapter, config.backend)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise ValueError(f"--out {args.out!r}: directory {out_dir!r} does not exist")
@@ -215,6 +246,7 @@ def cmd_ask(args, say) -> int:
     config = LiftConfig.from_dict({**recorded, **{k: v for k, v in {
         "answer_context_tokens": args.context_tokens, "max_new_tokens": args.max_new_tokens,
         "backend": args.backend, "dtype": args.dtype}.items() if v is not None}})
+    _require_extras(metadata.get("lift.adapter"), config.backend)
     model, tokenizer = load_model(args.model, _device(args) or _default_device(), config.dtype)
     model, _ = load_memory_file(model, args.memory, config.backend)
     text = answer(model, tokenizer, args.question, document, config)
@@ -240,6 +272,7 @@ def cmd_bench(args, say) -> int:
 def cmd_demo(args, say) -> int:
     from .demo import run_demo
 
+    _require_extras(backend=getattr(args, "backend", None))
     return int(run_demo(args) or 0)
 
 
@@ -253,6 +286,18 @@ class _Say:
         where = f" [rank {self.rank[0]}/{self.rank[1]}]" if self.rank and self.rank[1] > 1 else ""
         print(f"lift-kernels {self.command}{where}: error: {message}", file=sys.stderr,
               flush=True)
+
+
+def _json_error(args, name: str, message: str) -> None:
+    """Under --json, the error as {"error", "message", "exit_code"}: on stdout for absorb/ask
+    (their --json is a flag), into the file for demo (its --json names one)."""
+    report = json.dumps({"error": name, "message": message, "exit_code": EXIT_CODES[name]})
+    target = getattr(args, "json", None)
+    if target is True:
+        print(report)
+    elif isinstance(target, str):
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(report + "\n")
 
 
 def main(argv=None) -> int:
@@ -273,9 +318,7 @@ def main(argv=None) -> int:
         for kind, name in _error_kinds():
             if isinstance(e, kind):
                 say(str(e))
-                if getattr(args, "json", None) is True:  # absorb/ask --json: also on stdout
-                    print(json.dumps({"error": name, "message": str(e),
-                                      "exit_code": EXIT_CODES[name]}))
+                _json_error(args, name, str(e))
                 return EXIT_CODES[name]
         if say.rank and say.rank[1] > 1:  # name the rank before torchrun's summary
             say(f"this rank failed: {type(e).__name__}: {e}")

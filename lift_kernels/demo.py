@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from . import GatedMemoryConfig
+from .install import missing_extra
 from .demo_model import WINDOW, build_model, build_tokenizer, text
 
 # The absorb recipe: surprise-selected lines.  The base scores every line of the document on
@@ -270,6 +271,10 @@ def _run(args, document: str, facts: list) -> int:
     heatmap = getattr(args, "heatmap", None) or (
         Path(args.json).with_suffix(".gates.png") if getattr(args, "json", None)
         else Path("lift-demo-gates.png"))
+    # matplotlib is optional (the `plot` extra): without it everything but the PNG is made.
+    no_plot = missing_extra("plot", "the gate heatmap")
+    if no_plot:
+        print(f"demo: {no_plot}; it would be written to {heatmap}")
     started = time.perf_counter()
     tokenizer, model = build_tokenizer(), build_model()
     ids = tokenizer(document)["input_ids"]
@@ -294,7 +299,8 @@ def _run(args, document: str, facts: list) -> int:
     prompts = [text.fact_prompt(city, place) for city, place, _ in facts]
     needle_gates = mean_gates(model, tokenizer, prompts, last_only=True)
     unrelated_gates = mean_gates(model, tokenizer, unrelated, last_only=False)
-    gate_heatmap(needle_gates, unrelated_gates, Path(heatmap))
+    if not no_plot:
+        gate_heatmap(needle_gates, unrelated_gates, Path(heatmap))
 
     print(f"\n{'needle':<20} {'code':>5} {'before':>7} {'truncated':>10} {'after':>7}")
     for (city, place, code), b, t, a in zip(facts, predicted_before, predicted_truncated,
@@ -310,7 +316,8 @@ def _run(args, document: str, facts: list) -> int:
     print(f"loss on unrelated text {unrelated_loss_before:.3f} -> {unrelated_loss_after:.3f} "
           "nats/token (what the memory costs elsewhere)")
     print(f"mean gate at the code-predicting position {needle_gates.mean():.3f} vs "
-          f"{unrelated_gates.mean():.3f} on unrelated text; heatmap: {heatmap}")
+          f"{unrelated_gates.mean():.3f} on unrelated text; heatmap: "
+          f"{f'not drawn (no matplotlib), would be {heatmap}' if no_plot else heatmap}")
     out = {
         "recall_before": recall_before, "recall_after": recall_after,
         "recall_truncated_context": recall_truncated, "num_needles": len(facts),
@@ -331,7 +338,7 @@ def _run(args, document: str, facts: list) -> int:
         "unrelated_loss_after": unrelated_loss_after,
         "gate_needle_mean": float(needle_gates.mean()),
         "gate_unrelated_mean": float(unrelated_gates.mean()),
-        "gate_heatmap": str(heatmap), "total_seconds": time.perf_counter() - started,
+        "gate_heatmap": None if no_plot else str(heatmap), "total_seconds": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
     }
     print(f"total {out['total_seconds']:.1f} s")

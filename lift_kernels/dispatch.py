@@ -43,6 +43,14 @@ class Problem:
     has_gate_bias: bool  # c1
     has_rope: bool
     causal: bool
+    # (left, right), -1 unbounded; (-1, -1) when nothing beyond `causal` is masked (causal
+    # already bounds the right side, so a causal call has right = -1 here).
+    window_size: tuple = (-1, -1)
+    softcap: float = 0.0  # 0: off
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_size != (-1, -1)
 
     @property
     def empty(self) -> bool:
@@ -79,8 +87,28 @@ def _need_bool(name, x):
         raise TypeError(f"{name} must be a bool, got {x!r}")
 
 
+def normalize_window(window_size, causal: bool, nq: int, nk: int) -> tuple:
+    """Checks window_size and returns it as (left, right) ints with -1 for every side that
+    bounds nothing: the right side when `causal` (which bounds it at 0, as in
+    FlashAttention), a left side >= Nk - 1 and a right side >= Nq - 1 (wider than the
+    sequences), so that backends without windows can serve such calls."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size sides must be >= 0, or -1 for unbounded, got "
+                         f"{tuple(window_size)!r}")
+    if left >= nk - 1:
+        left = -1
+    if causal or right >= nq - 1:
+        right = -1
+    return (left, right)
+
+
 def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_scale,
-             gate_scale, gate_shift, return_gate, backend, deterministic) -> Problem:
+             gate_scale, gate_shift, return_gate, backend, deterministic,
+             window_size=(-1, -1), softcap=0.0) -> Problem:
     """Checks every argument of gated_memory_attention; raises TypeError/ValueError naming
     the argument with the expected and the actual value.  Returns the Problem."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -153,12 +181,16 @@ def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_s
         _need_number("softmax_scale", softmax_scale, positive=True)
     _need_number("gate_scale", gate_scale)
     _need_number("gate_shift", gate_shift)
+    window = normalize_window(window_size, causal, nq, nk)
+    _need_number("softcap", softcap)
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 turns it off), got {softcap!r}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     return Problem(batch, nq, nk, hq, hkv, d, mem_hidden, gate_hidden, q.dtype,
                    weight_dtypes.pop(), q.device, b1 is not None, b2 is not None,
-                   c1 is not None, cos is not None, causal)
+                   c1 is not None, cos is not None, causal, window, float(softcap))
 
 
 def normalize_rope(cos, sin, batch):

@@ -15,6 +15,9 @@ Fused backend contract (modules named in dispatch.FUSED_MODULES):
         -> (dq, dk, dv, dw1, db1, dw2, db2, dg1, dc1, dg2), each in its input's dtype,
            None for an absent bias; dgate may be None.
     cos/sin arrive as [B, Nq, D] float32 (maybe batch-stride 0) or None.
+    A call with a sliding window or soft-capping (issue 16) adds the keywords
+    window_size=(left, right) and softcap=float to both; a backend whose unsupported_reason
+    declines them never sees them.
 """
 
 from __future__ import annotations
@@ -40,15 +43,26 @@ def _fused_forward(
     b2: Optional[Tensor], g1: Tensor, c1: Optional[Tensor], g2: Tensor,
     cos: Optional[Tensor], sin: Optional[Tensor], causal: bool, scale: float,
     gate_scale: float, gate_shift: float, backend: str, deterministic: bool,
+    window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(dispatch.fused_backend(backend).forward(
         backend, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
-        gate_scale, gate_shift))
+        gate_scale, gate_shift, **_extras(window_left, window_right, softcap)))
+
+
+def _extras(window_left, window_right, softcap) -> dict:
+    """The optional backend keywords, present only when the feature is on."""
+    extras = {}
+    if (window_left, window_right) != (-1, -1):
+        extras["window_size"] = (window_left, window_right)
+    if softcap:
+        extras["softcap"] = softcap
+    return extras
 
 
 @_fused_forward.register_fake
 def _(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale, gate_shift,
-      backend, deterministic):
+      backend, deterministic, window_left=-1, window_right=-1, softcap=0.0):
     b, nq, hq, _ = q.shape
     return (torch.empty_like(q), q.new_empty((b, nq, hq), dtype=torch.float32),
             q.new_empty((b, hq, nq), dtype=torch.float32), torch.empty_like(q))
@@ -60,18 +74,21 @@ def _fused_backward(
     b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], g1: Tensor, c1: Optional[Tensor],
     g2: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], gate: Tensor, lse: Tensor,
     attn: Tensor, causal: bool, scale: float, gate_scale: float, gate_shift: float,
-    backend: str, deterministic: bool,
+    backend: str, deterministic: bool, window_left: int = -1, window_right: int = -1,
+    softcap: float = 0.0,
 ) -> list[Tensor]:
     grads = dispatch.fused_backend(backend).backward(
         backend, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn,
-        causal, scale, gate_scale, gate_shift, deterministic)
+        causal, scale, gate_scale, gate_shift, deterministic,
+        **_extras(window_left, window_right, softcap))
     # A custom op returns tensors only: an absent bias gets an empty placeholder.
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 
 @_fused_backward.register_fake
 def _(dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn, causal,
-      scale, gate_scale, gate_shift, backend, deterministic):
+      scale, gate_scale, gate_shift, backend, deterministic, window_left=-1, window_right=-1,
+      softcap=0.0):
     inputs = (q, k, v, w1, b1, w2, b2, g1, c1, g2)
     return [torch.empty_like(t) if t is not None else q.new_empty(0) for t in inputs]
 
@@ -80,11 +97,11 @@ _DIFFERENTIABLE = ("q", "k", "v", "w1", "b1", "w2", "b2", "g1", "c1", "g2")
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale, gate_shift,
-     backend, deterministic) = inputs
+    (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *config) = inputs
     _, gate, lse, attn = output
     ctx.save_for_backward(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn)
-    ctx.config = (causal, scale, gate_scale, gate_shift, backend, deterministic)
+    # causal, scale, gate_scale, gate_shift, backend, deterministic, and the window/softcap
+    ctx.config = tuple(config)
     ctx.mark_non_differentiable(lse, attn)
 
 
@@ -96,7 +113,7 @@ def _backward(ctx, dout, dgate, _dlse, _dattn):
                             cos, sin, gate, lse, attn, *ctx.config)
     present = (q, k, v, w1, b1, w2, b2, g1, c1, g2)
     grads = [g if t is not None else None for g, t in zip(grads, present)]
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads, *[None] * (2 + len(ctx.config)))
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -105,7 +122,7 @@ _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 def gated_memory_attention(
     q, k, v, w1, b1, w2, b2, g1, c1, g2, *, cos=None, sin=None, causal=True,
     softmax_scale=None, gate_scale=3.0, gate_shift=1.0, return_gate=False, backend="auto",
-    deterministic=False,
+    deterministic=False, window_size=(-1, -1), softcap=0.0,
 ):
     """Gated-memory attention (SPEC section 1): ``(1 - g) * attn + g * mem`` per head.
 
@@ -122,6 +139,11 @@ def gated_memory_attention(
         return_gate: also return the gate [B, Nq, Hq] (float32).
         backend: "auto", "reference", "torch", "triton", "cuda" or "cpu".
         deterministic: bit-reproducible backward (fused backends).
+        window_size: (left, right) sliding window, FlashAttention's convention: query i sees
+            key j iff i + Nk - Nq - left <= j <= i + Nk - Nq + right, -1 unbounded; with
+            causal=True the right side is 0 whatever is given.  (-1, -1): no window.
+        softcap: > 0 replaces the scaled scores s by softcap * tanh(s / softcap) (Gemma 2);
+            0 turns it off.
 
     Returns:
         out [B, Nq, Hq, D] in q's dtype, or (out, gate) with return_gate=True (the gate is
@@ -130,16 +152,18 @@ def gated_memory_attention(
     problem = dispatch.validate(
         q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal=causal,
         softmax_scale=softmax_scale, gate_scale=gate_scale, gate_shift=gate_shift,
-        return_gate=return_gate, backend=backend, deterministic=deterministic)
+        return_gate=return_gate, backend=backend, deterministic=deterministic,
+        window_size=window_size, softcap=softcap)
     name = dispatch.choose_backend(backend, problem)
     cos, sin = dispatch.normalize_rope(cos, sin, problem.batch)
     scale = float(softmax_scale) if softmax_scale is not None else problem.head_dim ** -0.5
     if name in _AUTOGRAD_IMPLS:
         out, gate = _AUTOGRAD_IMPLS[name](
             q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal=causal, softmax_scale=scale,
-            gate_scale=float(gate_scale), gate_shift=float(gate_shift))
+            gate_scale=float(gate_scale), gate_shift=float(gate_shift),
+            window_size=problem.window_size, softcap=problem.softcap)
     else:
         out, gate, _, _ = _fused_forward(
             q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, float(gate_scale),
-            float(gate_shift), name, deterministic)
+            float(gate_shift), name, deterministic, *problem.window_size, problem.softcap)
     return (out, gate) if return_gate else out

@@ -36,6 +36,8 @@ class Case:
     softmax_scale: float | None = None
     gate_scale: float = 3.0
     gate_shift: float = 1.0
+    window_size: tuple = (-1, -1)
+    softcap: float = 0.0
 
     def but(self, **kw) -> "Case":
         return replace(self, **kw)
@@ -117,6 +119,10 @@ def run(backend: str, case: Case, inputs: dict, *, upcast=None, deterministic=Fa
     fn = gated_memory_attention_reference if backend == "oracle" else None
     kwargs = dict(causal=case.causal, softmax_scale=case.softmax_scale,
                   gate_scale=case.gate_scale, gate_shift=case.gate_shift)
+    if case.window_size != (-1, -1):
+        kwargs["window_size"] = case.window_size
+    if case.softcap:
+        kwargs["softcap"] = case.softcap
     if fn is not None:
         out, gate = fn(*(leaves[n] for n in NAMES), cos, sin, **kwargs)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -340,3 +341,16 @@ def test_gradient_checkpointing_and_contextualised_samples_train_the_same_memory
     for a, b in zip(runs[0].params, runs[1].params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert runs[1].stats.step_losses == pytest.approx(runs[0].stats.step_losses, rel=1e-5)
+
+
+def test_absorb_warns_when_its_samples_exceed_the_model_window():
+    tok = make_tokenizer()
+    model = make_model(tok)
+    model.config.max_position_embeddings = 24  # FAST's 32-token segments do not fit
+    # <bos> + 32 segment tokens = 33 positions
+    with pytest.warns(RuntimeWarning, match="up to 33 tokens exceed the model's window of 24"):
+        absorb(model, tok, make_document(60), config=LiftConfig(**FAST), progress=False)
+    model = make_model(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        absorb(model, tok, make_document(60), config=LiftConfig(**FAST), progress=False)

@@ -40,14 +40,15 @@ struct BwdScratch {
   int64_t nblocks;
   std::vector<float> qs, qst, da, dat, delta, lse, dqr, dqd;
   std::vector<float> qf, dout, attn, h1, a1, mem, dmem, da1, hg, dhg, dlogit;
-  std::vector<float> st, dpt, dk, dv;
+  std::vector<float> st, dpt, slope, dk, dv;
   BwdScratch(const AttnParams& p, const PackedWeights& w)
       : nblocks((p.nq + kBM - 1) / kBM),
         qs(nblocks * kBM * w.dp), qst(qs.size()), da(qs.size()), dat(qs.size()),
         delta(nblocks * kBM), lse(nblocks * kBM), dqr(qs.size()), dqd(qs.size()),
         qf(kBM * w.dp), dout(kBM * w.dp), attn(kBM * w.dp), h1(kBM * w.mp), a1(kBM * w.mp),
         mem(kBM * w.dp), dmem(kBM * w.dp), da1(kBM * w.mp), hg(kBM * w.rp), dhg(kBM * w.rp),
-        dlogit(kBM), st(kBN * kBM), dpt(kBN * kBM), dk(kBN * w.dp), dv(kBN * w.dp) {}
+        dlogit(kBM), st(kBN * kBM), dpt(kBN * kBM), slope(p.softcap > 0.f ? kBN * kBM : 0),
+        dk(kBN * w.dp), dv(kBN * w.dp) {}
 };
 
 // Phase 1 for the query tile starting at row i0.
@@ -154,16 +155,21 @@ LIFT_INLINE void key_block(const AttnParams& p, const float* K, const float* V, 
   std::fill(s.dv.begin(), s.dv.end(), 0.f);
   const float* Kj = K + j0 * dp;
   const float* Vj = V + j0 * dp;
-  int64_t first = 0;
-  if (p.causal) first = std::max<int64_t>(0, j0 - (p.nk - p.nq)) / kBM;
-  for (int64_t blk = first; blk < s.nblocks; ++blk) {
+  // Only the query tiles that see some key of the block (causal diagonal, sliding window).
+  const int64_t diag = p.nk - p.nq, right = right_bound(p);
+  const int64_t first = right < 0 ? 0 : std::max<int64_t>(0, j0 - diag - right) / kBM;
+  int64_t end = s.nblocks;
+  if (p.window_left >= 0) {
+    const int64_t last_row = j0 + cols - 1 - diag + p.window_left;
+    end = last_row < 0 ? 0 : std::min<int64_t>(end, last_row / kBM + 1);
+  }
+  float* slope = p.softcap > 0.f ? s.slope.data() : nullptr;
+  for (int64_t blk = first; blk < end; ++blk) {
     const int64_t i0 = blk * kBM;
     float *st = s.st.data(), *dpt = s.dpt.data();
     gemm_nn(cols, kBM, dp, Kj, dp, s.qst.data() + blk * dp * kBM, kBM, st, kBM, false);
-    if (p.causal && j0 + cols - 1 > i0 + p.nk - p.nq)
-      for (int jj = 0; jj < cols; ++jj)
-        for (int r = 0; r < kBM; ++r)
-          if (!causal_visible(i0 + r, j0 + jj, p.nq, p.nk)) st[jj * kBM + r] = -INFINITY;
+    if (slope) softcap_scores(p.softcap, st, cols * kBM, slope);
+    mask_scores(p, i0, kBM, j0, cols, st);
     gemm_nn(cols, kBM, dp, Vj, dp, s.dat.data() + blk * dp * kBM, kBM, dpt, kBM, false);
     const float* lse = s.lse.data() + i0;
     const float* delta = s.delta.data() + i0;
@@ -173,6 +179,8 @@ LIFT_INLINE void key_block(const AttnParams& p, const float* K, const float* V, 
         st[jj * kBM + r] = prob;
         dpt[jj * kBM + r] = prob * (dpt[jj * kBM + r] - delta[r]);  // dS
       }
+    if (slope)  // through the soft-capping: dS of the scaled scores
+      for (int i = 0; i < cols * kBM; ++i) dpt[i] *= slope[i];
     gemm_nn(cols, dp, kBM, st, kBM, s.da.data() + i0 * dp, dp, s.dv.data(), dp, true);
     gemm_nn(cols, dp, kBM, dpt, kBM, s.qs.data() + i0 * dp, dp, s.dk.data(), dp, true);
     gemm_tn(kBM, dp, cols, dpt, kBM, Kj, dp, s.dqr.data() + i0 * dp, dp, true);

@@ -171,11 +171,48 @@ struct PackedKV {
   const float* V(int64_t b, int64_t kvh) const { return v.data() + (b * hkv + kvh) * nk * dp; }
 };
 
-// The first key block a query block [i0, i0 + rows) can see, and one past its last key.
+// The right bound of the visible keys as an offset from the diagonal, -1 for none.
+inline int64_t right_bound(const AttnParams& p) {
+  if (!p.causal) return p.window_right;
+  return p.window_right < 0 ? 0 : std::min<int64_t>(p.window_right, 0);
+}
+
+// The visible keys of the query rows [i0, i0 + rows): from visible_key_begin (that of row
+// i0) to one past visible_key_end (that of the last row); keys outside are never touched.
+inline int64_t visible_key_begin(const AttnParams& p, int64_t i0) {
+  if (p.window_left < 0) return 0;
+  return std::clamp<int64_t>(i0 + p.nk - p.nq - p.window_left, 0, p.nk);
+}
+
 inline int64_t visible_key_end(const AttnParams& p, int64_t i0, int64_t rows) {
-  if (!p.causal) return p.nk;
-  const int64_t end = i0 + rows + p.nk - p.nq;
-  return end < 0 ? 0 : (end > p.nk ? p.nk : end);
+  const int64_t right = right_bound(p);
+  if (right < 0) return p.nk;
+  return std::clamp<int64_t>(i0 + rows + p.nk - p.nq + right, 0, p.nk);
+}
+
+// Sets the scores st[key][row] (row stride kBM) of rows [i0, i0 + rows) x keys
+// [j0, j0 + cols) that are not visible to -inf; a block wholly inside is left as it is.
+LIFT_INLINE void mask_scores(const AttnParams& p, int64_t i0, int rows, int64_t j0, int cols,
+                             float* st) {
+  const int64_t diag = p.nk - p.nq, right = right_bound(p);
+  const bool left_inside = p.window_left < 0 || j0 >= i0 + rows - 1 + diag - p.window_left;
+  const bool right_inside = right < 0 || j0 + cols - 1 <= i0 + diag + right;
+  if (left_inside && right_inside) return;
+  for (int jj = 0; jj < cols; ++jj)
+    for (int r = 0; r < rows; ++r)
+      if (!key_visible(i0 + r, j0 + jj, p.nq, p.nk, p.causal, p.window_left, p.window_right))
+        st[jj * kBM + r] = -INFINITY;
+}
+
+// Soft-capping of n scaled scores in place, s -> cap tanh(s / cap); with `slope`, also
+// stores d(capped)/ds = 1 - tanh^2 (the backward's chain factor).
+LIFT_INLINE void softcap_scores(float cap, float* st, int n, float* slope) {
+  const float inv = 1.f / cap;
+  for (int i = 0; i < n; ++i) {
+    const float t = std::tanh(st[i] * inv);
+    st[i] = cap * t;
+    if (slope) slope[i] = 1.f - t * t;
+  }
 }
 
 // Runs f(i) for i in [0, n) over the OpenMP threads.  Each i owns its outputs and scratch,

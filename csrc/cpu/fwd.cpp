@@ -42,15 +42,6 @@ LIFT_INLINE void memory_and_gate(const AttnParams& p, const PackedWeights& w, in
   }
 }
 
-// Sets masked scores of a diagonal block to -inf (bottom-right causal).
-LIFT_INLINE void mask_block(const AttnParams& p, int64_t i0, int64_t j0, int cols, int np,
-                            float* st) {
-  if (!p.causal || j0 + cols - 1 <= i0 + p.nk - p.nq) return;
-  for (int jj = 0; jj < cols; ++jj)
-    for (int r = 0; r < np; ++r)
-      if (!causal_visible(i0 + r, j0 + jj, p.nq, p.nk)) st[jj * kBM + r] = -INFINITY;
-}
-
 template <DType T>
 LIFT_INLINE void forward_head(const AttnParams& p, const PackedWeights& w, const PackedKV& kv,
                               int64_t b, int64_t h) {
@@ -83,12 +74,14 @@ LIFT_INLINE void forward_head(const AttnParams& p, const PackedWeights& w, const
     std::fill(s.m.begin(), s.m.end(), -INFINITY);
     std::fill(s.l.begin(), s.l.end(), 0.f);
     std::fill(s.o.begin(), s.o.end(), 0.f);
+    // Only the keys the tile's rows can see (the causal diagonal, the sliding window).
     const int64_t kend = visible_key_end(p, i0, rows);
-    for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
+    for (int64_t j0 = visible_key_begin(p, i0); j0 < kend; j0 += kBN) {
       const int cols = static_cast<int>(std::min<int64_t>(kBN, kend - j0));
       float* st = s.st.data();
       gemm_nn(cols, np, dp, K + j0 * dp, dp, s.qrt.data(), kBM, st, kBM, false);
-      mask_block(p, i0, j0, cols, np, st);
+      if (p.softcap > 0.f) softcap_scores(p.softcap, st, cols * kBM, nullptr);
+      mask_scores(p, i0, np, j0, cols, st);
 
       // Online softmax: new row max, rescale factor, exponentials, row sums.
       float mb[kBM], rowsum[kBM];

@@ -1,7 +1,7 @@
 """Hugging Face integration: give a causal LM's attention layers a Gated Memory backed by
 the lift_kernels op, instance by instance (no class is patched), and undo it.
 
-    model = replace_attention(model)          # llama, mistral, qwen2, qwen3
+    model = replace_attention(model)          # supported_families() lists the families
     freeze_base_model(model)                  # only memory/gate parameters train
     save_memory(model, "doc.safetensors"); load_memory(model, "doc.safetensors")
     with memory_disabled(model): ...          # exactly the original attention
@@ -12,7 +12,7 @@ transformers is imported only when a model is patched; ``import lift_kernels`` i
 neither it nor this package (the names above are loaded lazily).
 """
 
-from .families import FAMILIES
+from .families import FAMILIES, supported_families
 from .io import load_memory, save_memory
 from .patch import (
     collect_gates,
@@ -24,4 +24,5 @@ from .patch import (
 )
 
 __all__ = ["replace_attention", "restore_attention", "freeze_base_model", "memory_parameters",
-           "memory_disabled", "save_memory", "load_memory", "collect_gates", "FAMILIES"]
+           "memory_disabled", "save_memory", "load_memory", "collect_gates", "FAMILIES",
+           "supported_families"]

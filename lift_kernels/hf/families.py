@@ -1,5 +1,6 @@
 """The table from ``config.model_type`` to the adapter module of that family.  Adding a
-family is one adapter file plus one line here."""
+family is one adapter file plus one line here (and one tiny config in the shared family
+test suite, tests/hf_families.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,30 @@ FAMILIES = {
     "mistral": "lift_kernels.hf.mistral",
     "qwen2": "lift_kernels.hf.qwen2",
     "qwen3": "lift_kernels.hf.qwen3",
+    "gemma": "lift_kernels.hf.gemma",
+    "gemma2": "lift_kernels.hf.gemma2",
+    "gemma3_text": "lift_kernels.hf.gemma3_text",
+    "phi3": "lift_kernels.hf.phi3",
+    "olmo2": "lift_kernels.hf.olmo2",
+    "granite": "lift_kernels.hf.granite",
+    "mixtral": "lift_kernels.hf.mixtral",
+    "qwen2_moe": "lift_kernels.hf.qwen2_moe",
+    "qwen3_moe": "lift_kernels.hf.qwen3_moe",
+    "smollm3": "lift_kernels.hf.smollm3",
+    "starcoder2": "lift_kernels.hf.starcoder2",
 }
+
+# The transformers releases every family passes the family test suite with: the ends of
+# the range pinned in pyproject.toml (make test runs the newest, make test-compat the lowest).
+TRANSFORMERS_TESTED = ("5.0.0", "5.24.0")
+
+
+def supported_families() -> dict:
+    """{model_type: {"features": what differs from Llama, "transformers": (lowest, newest)
+    tested}} for every family replace_attention serves.  Imports no transformers."""
+    return {name: {"features": importlib.import_module(path).ADAPTER.features,
+                   "transformers": TRANSFORMERS_TESTED}
+            for name, path in FAMILIES.items()}
 
 
 def model_type_of(model) -> str:

@@ -1,11 +1,8 @@
-"""Mistral: the Llama layout plus a model-wide sliding window (config.sliding_window)."""
+"""Mistral: the Llama layout plus a model-wide sliding window (config.sliding_window).  The
+memory reads q_proj's output before RoPE."""
 
-from .adapter import Adapter
+from .adapter import ConfigWindowAdapter
 
-
-class MistralAdapter(Adapter):
-    def attention_kwargs(self, module) -> dict:
-        return {"sliding_window": getattr(module.config, "sliding_window", None)}
-
-
-ADAPTER = MistralAdapter("mistral", "transformers.models.mistral.modeling_mistral.MistralAttention")
+ADAPTER = ConfigWindowAdapter(
+    "mistral", "transformers.models.mistral.modeling_mistral.MistralAttention",
+    "sliding window (model-wide)")

@@ -22,8 +22,9 @@ import torch
 
 from ..dispatch import BACKENDS
 from ..function import gated_memory_attention
+from ..install import check_transformers_version
 from ..memory import GatedMemory, GatedMemoryConfig, default_gate_hidden, default_mem_hidden
-from ..ops.reference import apply_rope, compute_dtype, gate_mlp, memory_mlp
+from ..ops.reference import apply_rope, compute_dtype, gate_mlp, memory_mlp, visible_mask
 from .families import adapter_for
 
 
@@ -80,14 +81,46 @@ def _exact_attention(module, patch, q, k, v, cos, sin, attention_mask, dropout, 
     return out.to(q.dtype), gate, weights
 
 
+def op_window(adapter, module) -> tuple:
+    """The op's window_size for the layer: HF's sliding window w lets query i see keys
+    i - w < j <= i, which is FlashAttention's (w - 1, 0)."""
+    window = adapter.sliding_window(module)
+    return (window - 1, -1) if window else (-1, -1)
+
+
+def _plain_causal(attention_mask, nq: int, nk: int, window_size) -> bool:
+    """Whether the mask the model built is the op's bottom-right causal (windowed) mask and
+    nothing more (no padding, no empty cache slots), so the fused op computes exactly what
+    the model's attention would.  None means plain causal attention (the model skipped
+    building a mask), which agrees with the op when Nq == Nk or Nq == 1.  An eager float
+    mask counts when every entry is 0 (visible) or at most the dtype's lowest (masked)."""
+    if attention_mask is None:
+        return nq == nk or nq == 1
+    if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
+            or tuple(attention_mask.shape[-2:]) != (nq, nk) or attention_mask.shape[1] != 1):
+        return False
+    if attention_mask.dtype == torch.bool:
+        visible = attention_mask
+    elif attention_mask.is_floating_point():
+        visible = attention_mask == 0
+        if not (visible | (attention_mask <= torch.finfo(attention_mask.dtype).min)).all():
+            return False
+    else:
+        return False
+    expected = visible_mask(nq, nk, True, window_size, attention_mask.device)
+    return bool((visible == expected).all())
+
+
 def gated_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                             cache=None, **kwargs):
     """Replaces the attention module's forward on the instance (same signature and return
     as the families' own forward: (output [B, N, hidden], attention weights or None)).
 
     q is taken before RoPE (the memory reads it there); only k is rotated here and goes to
-    the KV cache; the op rotates q itself with the same cos/sin.  transformers < 5.24 names
-    the cache ``past_key_values`` (and < 5.17 passes ``cache_position``); all are accepted.
+    the KV cache; the op rotates q itself with the same cos/sin (none for a layer without
+    RoPE).  The layer's sliding window and soft-capping go to the op, so such layers run
+    the fused kernels too.  transformers < 5.24 names the cache ``past_key_values`` (and
+    < 5.17 passes ``cache_position``); all are accepted.
     """
     patch = self.lift_patch
     if cache is None:
@@ -96,9 +129,10 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
         patch.last_gate = None
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
                                   cache, **kwargs)
+    adapter = patch.adapter
     batch, n = hidden_states.shape[:2]
-    q, k, v = patch.adapter.project(self, hidden_states)  # [B, N, H, D]
-    cos, sin = position_embeddings
+    q, k, v = adapter.project(self, hidden_states)  # [B, N, H, D]
+    cos, sin = adapter.rope(self, position_embeddings)
     k = apply_rope(k, cos, sin)
     # Under autocast the projections come out in the autocast dtype while cos/sin may not;
     # the op wants q, k, v in one dtype.
@@ -112,21 +146,21 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
         k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx, cache_kwargs)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
     dropout = self.attention_dropout if self.training else 0.0
-    # No mask means plain causal attention (the model skipped building one), which the op
-    # computes bottom-right aligned; that agrees with every attention implementation when
-    # Nq == Nk or Nq == 1.  Everything else takes the exact path.
-    if attention_mask is None and dropout == 0.0 and (n == k.shape[1] or n == 1):
+    window_size = op_window(adapter, self)
+    # Any other mask (padding, a static cache's empty slots) takes the exact path.
+    if dropout == 0.0 and _plain_causal(attention_mask, n, k.shape[1], window_size):
         memory = self.gated_memory
         out, gate = gated_memory_attention(
             q, k, v, *memory.weights(), cos=cos, sin=sin, causal=True,
             softmax_scale=self.scaling, gate_scale=memory.gate_scale,
-            gate_shift=memory.gate_shift, return_gate=True, backend=patch.backend)
+            gate_shift=memory.gate_shift, return_gate=True, backend=patch.backend,
+            window_size=window_size, softcap=adapter.softcap(self) or 0.0)
         weights = None
     else:
         out, gate, weights = _exact_attention(self, patch, q, k, v, cos, sin, attention_mask,
                                               dropout, kwargs)
     patch.last_gate = gate.detach()
-    return self.o_proj(out.reshape(batch, n, -1)), weights
+    return adapter.output(self, out.reshape(batch, n, -1)), weights
 
 
 def attention_modules(model) -> dict:
@@ -220,8 +254,8 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
     """Give every decoder layer's attention (or those in `layers`) a Gated Memory.
 
     Args:
-        model: a transformers causal LM of a supported family (llama, mistral, qwen2, qwen3),
-            possibly wrapped by PEFT (patch after get_peft_model: its LoRA on the projections
+        model: a transformers causal LM of a supported family (supported_families() lists
+            them), possibly wrapped by PEFT (patch after get_peft_model: its LoRA on the projections
             keeps working, the projections are reused, not copied).
         config: GatedMemoryConfig; None means the defaults.  bias=None follows the model
             (memory biases where the attention projections have biases, e.g. Qwen2).
@@ -234,6 +268,7 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
     Returns `model` (patched in place).  Raises ValueError for an unsupported family, with
     nothing patched.
     """
+    check_transformers_version()
     config = GatedMemoryConfig() if config is None else config
     if not isinstance(config, GatedMemoryConfig):
         raise TypeError(f"config must be a lift_kernels.GatedMemoryConfig, got "

@@ -1,11 +1,7 @@
-"""Qwen2: the Llama layout with biases on q/k/v and a per-layer sliding window."""
+"""Qwen2: the Llama layout with biases on q/k/v and a per-layer sliding window (the module's
+sliding_window).  The memory reads q_proj's output (with its bias) before RoPE."""
 
 from .adapter import Adapter
 
-
-class Qwen2Adapter(Adapter):
-    def attention_kwargs(self, module) -> dict:
-        return {"sliding_window": module.sliding_window}
-
-
-ADAPTER = Qwen2Adapter("qwen2", "transformers.models.qwen2.modeling_qwen2.Qwen2Attention")
+ADAPTER = Adapter("qwen2", "transformers.models.qwen2.modeling_qwen2.Qwen2Attention",
+                  "q/k/v biases, per-layer sliding window")

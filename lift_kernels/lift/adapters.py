@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from ..install import require_extra
 from .config import LiftConfig
 from .errors import MemoryFileError, UnsupportedModelError
 
@@ -66,6 +67,7 @@ def attach(model, config: LiftConfig):
         hf.freeze_base_model(model)
         params = list(hf.memory_parameters(model))
     else:
+        require_extra("lora", "the LoRA adapter (adapter='lora')")
         from peft import get_peft_model
 
         for p in model.parameters():
@@ -161,6 +163,7 @@ def load(model, path, backend: str = "auto"):
 
 
 def _load_lora(model, path, settings: dict):
+    require_extra("lora", "a LoRA memory file")
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import warnings
 
 import torch
 
@@ -122,6 +123,7 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
     pairs = _qa_pairs(qa, model, tokenizer, ids, config, rng, generate)
     segments = segment_samples(tokenizer, ids, config, rng)
     qa_part = qa_samples(tokenizer, ids, pairs, config, rng)
+    _warn_beyond_window(model, segments + qa_part)
     fingerprint = adapters.model_fingerprint(model)
     torch.manual_seed(config.seed)
     model, params = adapters.attach(model, config)
@@ -136,6 +138,18 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
     stats = train(model, params, phases, config, ctx, progress)
     return AbsorbResult(model, params, stats, config, fingerprint, len(ids), len(segments),
                         pairs)
+
+
+def _warn_beyond_window(model, samples) -> None:
+    """Samples longer than the model's window train positions it never saw in pretraining
+    (say, the default 2048-token segments on a 256-position model): warn, naming the fix."""
+    window = getattr(model.config, "max_position_embeddings", None)
+    longest = max((s.num_tokens for s in samples), default=0)
+    if window and longest > window:
+        warnings.warn(f"absorb: training samples of up to {longest} tokens exceed the model's "
+                      f"window of {window} positions (max_position_embeddings); pass a "
+                      f"segment_length (--segment-length) of at most {window}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _enable_checkpointing(model) -> None:

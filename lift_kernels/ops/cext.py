@@ -40,6 +40,8 @@ def unsupported_reason(name: str, problem) -> str | None:
     if name == "cuda":
         if problem.device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, got device {problem.device}"
+        if problem.windowed or problem.softcap:
+            return "the cuda kernels have no sliding window or soft-capping yet (issue 16)"
         if not _C.build_info()["cuda"]:
             return "lift_kernels._C was built without CUDA (nvcc was not found at build time)"
         if problem.dtype not in CUDA_DTYPES:
@@ -81,7 +83,7 @@ def _strides(t):
 
 
 def _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
-            gate_shift):
+            gate_shift, window_size, softcap):
     """The AttnParams fields shared by forward and backward, and the tensors they point to
     (kept alive by the caller for the duration of the call)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -101,7 +103,8 @@ def _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_s
         rope_batch_stride=cos.stride(0) if cos is not None else 0,
         rope_row_stride=cos.stride(1) if cos is not None else 0,
         scale=float(scale), gate_scale=float(gate_scale), gate_shift=float(gate_shift),
-        causal=bool(causal),
+        causal=bool(causal), window_left=int(window_size[0]), window_right=int(window_size[1]),
+        softcap=float(softcap),
         stream=torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0,
     )
     for key, t in zip(("w1", "b1", "w2", "b2", "g1", "c1", "g2"), weights):
@@ -170,11 +173,11 @@ def _call(name: str, direction: str, fields: dict, device: torch.device):
 
 
 def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
-            gate_shift):
+            gate_shift, window_size=(-1, -1), softcap=0.0):
     """Returns out [B, Nq, Hq, D], gate [B, Nq, Hq] float32, lse [B, Hq, Nq] float32 and
     attn [B, Nq, Hq, D] (the attention-only output the backward reads)."""
     fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
-                           gate_scale, gate_shift)
+                           gate_scale, gate_shift, window_size, softcap)
     batch, nq, hq, _ = q.shape
     out = _alloc(q.shape, q.dtype, q.device)
     attn = _alloc(q.shape, q.dtype, q.device)
@@ -191,7 +194,8 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
 
 
 def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse,
-             attn, causal, scale, gate_scale, gate_shift, deterministic):
+             attn, causal, scale, gate_scale, gate_shift, deterministic, window_size=(-1, -1),
+             softcap=0.0):
     """Returns (dq, dk, dv, dw1, db1, dw2, db2, dg1, dc1, dg2), each in its input's dtype,
     None for an absent bias.  dgate [B, Nq, Hq] may be None.
 
@@ -199,7 +203,7 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     without atomics, so their backward is always bit-reproducible."""
     del deterministic
     fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
-                           gate_scale, gate_shift)
+                           gate_scale, gate_shift, window_size, softcap)
     dout = _last_dim_contiguous(dout.to(q.dtype))
     gate, lse = gate.float().contiguous(), lse.float().contiguous()
     attn = attn.to(q.dtype).contiguous()

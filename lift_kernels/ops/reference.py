@@ -9,6 +9,8 @@ Shapes (SPEC section 1):
     w1: [Hq, D, M]  b1: [Hq, M] | None   w2: [Hq, M, D]  b2: [Hq, D] | None
     g1: [Hq, D, R]  c1: [Hq, R] | None   g2: [Hq, R]
     cos, sin: [B, Nq, D], [Nq, D] or None
+    window_size: (left, right) key offsets around the diagonal, -1 unbounded (FlashAttention)
+    softcap: scores -> softcap * tanh(scores / softcap) after scaling; 0 means off
 """
 
 from __future__ import annotations
@@ -39,9 +41,29 @@ def apply_rope(q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | No
 
 def causal_mask(nq: int, nk: int, device) -> torch.Tensor:
     """Bottom-right aligned: query i sees key j iff j <= i + nk - nq.  [nq, nk] bool."""
+    return visible_mask(nq, nk, True, device=device)
+
+
+def visible_mask(nq: int, nk: int, causal: bool, window_size=(-1, -1), device=None):
+    """Which keys each query sees, or None when it sees all of them.  [nq, nk] bool.
+
+    Bottom-right aligned (FlashAttention): with diagonal d(i) = i + nk - nq, query i sees key
+    j iff d(i) - left <= j <= d(i) + right, a bound of -1 being unbounded; causal=True makes
+    the right bound 0 whatever window_size says (as FlashAttention does)."""
+    left, right = window_size
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
+        return None
     i = torch.arange(nq, device=device).unsqueeze(1)
     j = torch.arange(nk, device=device).unsqueeze(0)
-    return j <= i + (nk - nq)
+    offset = j - (i + nk - nq)
+    visible = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= offset >= -left
+    if right >= 0:
+        visible &= offset <= right
+    return visible
 
 
 def memory_mlp(q, w1, b1, w2, b2):
@@ -64,15 +86,17 @@ def gate_mlp(q, g1, c1, g2, gate_scale: float, gate_shift: float):
     return torch.sigmoid(gate_scale * (logit - gate_shift))
 
 
-def attention(q_rot, k, v, causal: bool, scale: float):
+def attention(q_rot, k, v, causal: bool, scale: float, window_size=(-1, -1), softcap=0.0):
     """Plain softmax attention with materialised scores.  Rows that see no key give 0."""
     hq, hkv = q_rot.shape[2], k.shape[2]
     group = hq // hkv
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q_rot, k) * scale
-    if causal:
-        visible = causal_mask(q_rot.shape[1], k.shape[1], q_rot.device)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = visible_mask(q_rot.shape[1], k.shape[1], causal, window_size, q_rot.device)
+    if visible is not None:
         # A finite fill (not -inf) keeps fully masked rows NaN-free; multiplying by the
         # mask afterwards zeroes them, forward and backward.
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
@@ -84,7 +108,8 @@ def attention(q_rot, k, v, causal: bool, scale: float):
 
 def gated_memory_attention_reference(
     q, k, v, w1, b1, w2, b2, g1, c1, g2, cos=None, sin=None, *,
-    causal=True, softmax_scale=None, gate_scale=3.0, gate_shift=1.0,
+    causal=True, softmax_scale=None, gate_scale=3.0, gate_shift=1.0, window_size=(-1, -1),
+    softcap=0.0,
 ):
     """Returns (out [B, Nq, Hq, D] in q's dtype, gate [B, Nq, Hq] in float32 or float64)."""
     ct = compute_dtype(q.dtype)
@@ -96,7 +121,8 @@ def gated_memory_attention_reference(
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     mem = memory_mlp(qf, up(w1), up(b1), up(w2), up(b2))
     gate = gate_mlp(qf, up(g1), up(c1), up(g2), gate_scale, gate_shift)
-    attn = attention(apply_rope(qf, up(cos), up(sin)), kf, vf, causal, scale)
+    attn = attention(apply_rope(qf, up(cos), up(sin)), kf, vf, causal, scale, window_size,
+                     softcap)
     g = gate.unsqueeze(-1)
     out = (1 - g) * attn + g * mem
     return out.to(q.dtype), gate

@@ -29,6 +29,8 @@ def unsupported_reason(name, problem):
     """None when the Triton kernels can serve `problem` (a dispatch.Problem), else why not."""
     if triton is None:
         return "triton is not installed"
+    if getattr(problem, "windowed", False) or getattr(problem, "softcap", 0.0):
+        return "the triton kernels have no sliding window or soft-capping yet (issue 16)"
     device = problem.device.type
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1" or not INTERPRETED:

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query,
-    prune_by_head_dim, rope_partner)
+    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, autotuned, causal_bounds, configs,
+    load_query, rope_partner)
 from .triton_fwd import gate_hidden_tile
 
 
@@ -377,16 +377,14 @@ def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DO_
             tl.debug_barrier()
 
 
-_GRADIENT_BUFFERS = ["DW1", "DB1", "DW2", "DB2", "DG1", "DC1", "DG2"]
+# Zeroed before each run of the autotuned dq kernel: it accumulates into them.
+GRADIENT_BUFFERS = ("DW1", "DB1", "DW2", "DB2", "DG1", "DC1", "DG2")
+DKDV_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL"]
+DQ_KEY = ["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"]
 # The plain kernels (fixed configuration: deterministic mode, where the tile sizes must not
 # depend on timing) and their autotuned twins (default mode).
 dkdv_kernel = triton.heuristics(ATTENTION_HEURISTICS)(triton.jit(_dkdv))
 dq_kernel = triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS,
                                "HAS_DGATE": lambda a: a["DGATE"] is not None})(triton.jit(_dq))
-dkdv_kernel_tuned = triton.autotune(
-    configs=configs("dkdv"), key=["SEQ_BUCKET", "HEAD_DIM", "CAUSAL"],
-    prune_configs_by={"early_config_prune": prune_by_head_dim})(dkdv_kernel)
-dq_kernel_tuned = triton.autotune(
-    configs=configs("dq"), key=["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"],
-    prune_configs_by={"early_config_prune": prune_by_head_dim},
-    reset_to_zero=_GRADIENT_BUFFERS)(dq_kernel)
+dkdv_kernel_tuned = autotuned(dkdv_kernel, configs("dkdv"), DKDV_KEY)
+dq_kernel_tuned = autotuned(dq_kernel, configs("dq"), DQ_KEY, accumulated=GRADIENT_BUFFERS)

@@ -11,6 +11,7 @@ BLOCK_D and BLOCK_R are the head dim and gate width padded to powers of two (mas
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -62,19 +63,9 @@ WEIGHT_HEURISTICS = {
 }
 
 
-def configs(kind):
-    """Autotuning configurations for sm_90 (H100/H200), or the single fixed configuration
-    under the interpreter (autotuning would only time numpy there; 16-row tiles keep the
-    tests' small sequences spanning several blocks).
-
-    LIFT_KERNELS_TRITON_CONFIGS=N (read at import) keeps the first N of each list: every
-    autotuning key compiles each configuration, so a test suite with many shapes (N=1) or a
-    time-boxed benchmark (a few) would otherwise spend minutes compiling."""
-    if INTERPRETED:
-        tile = {"BLOCK_M": 16, "BLOCK_N": 16}
-        if kind != "dkdv":
-            tile["BLOCK_H"] = 32
-        return [triton.Config(tile, num_warps=4, num_stages=1)]
+def gpu_configs(kind):
+    """Every autotuning configuration of a kernel on the GPU (sm_80/sm_90), before pruning by
+    head dim and dtype (prune_by_head_dim)."""
     # Each list starts with the configuration that spilled least in an sm_90a compile at
     # D=128, bf16 (tests/test_triton_compile.py); deterministic mode uses it untimed.
     out = []
@@ -96,8 +87,54 @@ def configs(kind):
                                           (32, 64, 32, 4, 2)):
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh},
                                      num_warps=warps, num_stages=stages))
+    return out
+
+
+def configs(kind):
+    """The configurations the kernels are autotuned over: gpu_configs(kind), or the single
+    fixed configuration under the interpreter (autotuning would only time numpy there;
+    16-row tiles keep the tests' small sequences spanning several blocks).
+
+    LIFT_KERNELS_TRITON_CONFIGS=N (read at import) keeps the first N of each list: every
+    autotuning key compiles each configuration, so a test suite with many shapes (N=1) or a
+    time-boxed benchmark (a few) would otherwise spend minutes compiling."""
+    if INTERPRETED:
+        tile = {"BLOCK_M": 16, "BLOCK_N": 16}
+        if kind != "dkdv":
+            tile["BLOCK_H"] = 32
+        return [triton.Config(tile, num_warps=4, num_stages=1)]
+    out = gpu_configs(kind)
     limit = int(os.environ.get("LIFT_KERNELS_TRITON_CONFIGS", "0") or 0)
     return out[:limit] if limit > 0 else out
+
+
+def zero_buffers(names):
+    """The autotuner's pre-hook for accumulated outputs: zeroes each named tensor before every
+    timed run and once before the real launch.  Used instead of autotune(reset_to_zero=...),
+    which in Triton 3.6 calls .zero_() on every named argument, also on an absent (None)
+    bias gradient."""
+    def hook(kwargs, reset_only=False):
+        for name in names:
+            if kwargs[name] is not None:
+                kwargs[name].zero_()
+    return hook
+
+
+# Autotuning results persist in Triton's cache directory (keyed by kernel source, key and
+# configurations), so a new process does not time every configuration again.  Triton < 3.3
+# has no such option.
+_CACHE_RESULTS = ({"cache_results": True}
+                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+
+
+def autotuned(kernel, config_list, key, accumulated=(), **options):
+    """`kernel` (a heuristics-wrapped jit function) autotuned over `config_list`, pruned per
+    call by prune_by_head_dim; tensors named in `accumulated` are zeroed before each run."""
+    if accumulated:
+        options["pre_hook"] = zero_buffers(list(accumulated))
+    return triton.autotune(configs=config_list, key=key,
+                           prune_configs_by={"early_config_prune": prune_by_head_dim},
+                           **_CACHE_RESULTS, **options)(kernel)
 
 
 def seq_bucket(nq, nk):

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, causal_bounds, configs, load_query,
-    prune_by_head_dim)
+    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, autotuned, causal_bounds, configs,
+    load_query)
 
 
 @triton.jit
@@ -107,11 +107,7 @@ def _attn_fwd_blocks(acc, m_i, l_i, q_rot, Kh, Vh, offs_m, offs_d, lo, hi, NQ, N
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=configs("fwd"), key=["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": prune_by_head_dim})
-@triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS})
-@triton.jit
-def gated_attention_fwd_kernel(
+def _fwd(
     Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN,  # inputs (weights contiguous)
     OUT, ATTN, GATE, LSE,  # outputs, contiguous: [B,NQ,HQ,D] x2, [B,NQ,HQ], [B,HQ,NQ]
     stride_qb, stride_qn, stride_qh, stride_qd,
@@ -185,3 +181,8 @@ def gated_attention_fwd_kernel(
                            HEAD_DIM, MEM_HIDDEN, BLOCK_H, HAS_B1, HAS_B2, DOT_DTYPE, PRECISION)
     tl.store(OUT + ptrs, out.to(OUT.dtype.element_ty), mask=tile_ok)
     tl.store(GATE + tok, gate, mask=m_ok)
+
+
+FWD_KEY = ["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"]
+fwd_kernel = triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS})(triton.jit(_fwd))
+gated_attention_fwd_kernel = autotuned(fwd_kernel, configs("fwd"), FWD_KEY)

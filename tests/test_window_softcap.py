@@ -1,0 +1,158 @@
+"""Sliding windows (window_size, FlashAttention's convention) and soft-capping (softcap) on
+every backend that serves them: the float64 oracle, all gradients, GQA, Nq != Nk, rows that
+see no key, validation, and the backends that decline them."""
+
+import pytest
+import torch
+
+import lift_kernels
+from lift_kernels import dispatch, gated_memory_attention
+from lift_kernels.ops.reference import visible_mask
+
+from helpers import NAMES, Case, check_against_oracle, make_inputs, rel_err, run
+
+BACKENDS = ["reference", "torch"] + (["cpu"] if "cpu" in lift_kernels.available_backends() else [])
+
+W = Case(nq=37, nk=37)
+GRID = [
+    W.but(window_size=(5, -1)),                                  # causal + left window
+    W.but(window_size=(0, -1)),                                  # each row sees its own key
+    W.but(window_size=(4, 3), causal=False, bias=True),          # symmetric-ish local
+    W.but(window_size=(-1, 2), causal=False, rope=False),        # right bound only
+    W.but(window_size=(6, -1), nq=9, nk=40, hkv=1),              # Nq < Nk, MQA
+    W.but(window_size=(3, 1), causal=False, nq=30, nk=8),        # Nq > Nk: rows see no key
+    W.but(softcap=2.5),
+    W.but(softcap=1.0, causal=False, hq=6, hkv=3, bias=True),
+    W.but(softcap=3.0, window_size=(7, -1), softmax_scale=0.4, nq=12, nk=25),
+    # several 64-row tiles and key blocks: whole blocks skipped in forward and backward
+    Case(batch=1, nq=200, nk=200, hq=2, hkv=1, window_size=(70, -1), softcap=4.0),
+    Case(batch=1, nq=150, nk=300, hq=2, hkv=2, window_size=(65, 40), causal=False),
+    W.but(window_size=(8, -1), softcap=5.0, dtype=torch.bfloat16),
+    W.but(window_size=(2, 2), causal=False, dtype=torch.float16, weight_dtype=torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", GRID, ids=repr)
+def test_matches_float64_oracle(backend, case):
+    check_against_oracle(backend, case, seed=hash((backend, repr(case))) % 2**31)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk", [(7, 7), (4, 9), (9, 4)])
+@pytest.mark.parametrize("window", [(-1, -1), (0, -1), (2, -1), (-1, 1), (3, 0), (1, 2)])
+def test_visible_mask_is_flash_attention_convention(causal, nq, nk, window):
+    """Element by element: query i sees key j iff i + nk - nq - left <= j <= i + nk - nq +
+    right (-1 unbounded), the right side 0 when causal."""
+    left, right = window
+    expected = torch.zeros(nq, nk, dtype=torch.bool)
+    for i in range(nq):
+        for j in range(nk):
+            d = i + nk - nq
+            right_ok = j <= d if causal else (right < 0 or j <= d + right)
+            expected[i, j] = (left < 0 or j >= d - left) and right_ok
+    got = visible_mask(nq, nk, causal, window)
+    assert torch.equal(got if got is not None else torch.ones(nq, nk, dtype=torch.bool),
+                       expected)
+
+
+def test_softcap_formula_by_hand():
+    """Two keys, gate shut: attention weights are softmax(cap * tanh(scale q.k / cap))."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 1, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    w1, w2 = torch.randn(1, 4, 8, dtype=torch.float64), torch.randn(1, 8, 4, dtype=torch.float64)
+    g1, g2 = torch.randn(1, 4, 2, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    cap, scale = 0.7, 0.9
+    out = gated_memory_attention(q * 5, k, v, w1, None, w2, None, g1, None, g2, causal=False,
+                                 softmax_scale=scale, softcap=cap, gate_shift=1e4,
+                                 backend="reference")
+    scores = cap * torch.tanh(scale * (q[0, :, 0] * 5) @ k[0, :, 0].T / cap)
+    expected = torch.softmax(scores, dim=-1) @ v[0, :, 0]
+    torch.testing.assert_close(out[0, :, 0], expected)
+    plain = gated_memory_attention(q * 5, k, v, w1, None, w2, None, g1, None, g2, causal=False,
+                                   softmax_scale=scale, gate_shift=1e4, backend="reference")
+    assert rel_err(plain, out) > 1e-2  # the cap really changes the result
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_ignores_the_right_side_and_wide_windows_change_nothing(backend):
+    case = W.but(nq=20, nk=26)
+    t = make_inputs(case, 5)
+    args = [t[n] for n in NAMES]
+    kw = dict(cos=t["cos"], sin=t["sin"], backend=backend)
+    plain = gated_memory_attention(*args, **kw)
+    assert torch.equal(gated_memory_attention(*args, window_size=(-1, 4), **kw), plain)
+    wide = gated_memory_attention(*args, window_size=(26, 26), **kw)
+    assert rel_err(wide, plain) <= 1e-6
+    narrow = gated_memory_attention(*args, window_size=(3, -1), **kw)
+    assert rel_err(narrow, plain) > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_float64(backend):
+    case = Case(batch=1, nq=5, nk=7, hq=2, hkv=1, head_dim=4, bias=True, dtype=torch.float64)
+    t = make_inputs(case, 3)
+    inputs = tuple(t[n].requires_grad_() for n in NAMES)
+
+    def fn(*args):
+        return gated_memory_attention(*args, cos=t["cos"], sin=t["sin"], window_size=(2, -1),
+                                      softcap=1.5, return_gate=True, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="lift_kernels._C is not built")
+def test_cpu_backward_is_bit_reproducible():
+    case = Case(batch=2, nq=130, nk=130, hq=4, hkv=2, window_size=(50, -1), softcap=3.0)
+    inputs = make_inputs(case, 11)
+    first = run("cpu", case, inputs, deterministic=True)[2]
+    second = run("cpu", case, inputs, deterministic=True)[2]
+    for name in NAMES:
+        if first[name] is not None:
+            assert torch.equal(first[name], second[name]), name
+
+
+def _problem(**kw):
+    t = make_inputs(Case(nq=6, nk=6), 0)
+    return dispatch.validate(*(t[n] for n in NAMES), t["cos"], t["sin"], causal=True,
+                             softmax_scale=None, gate_scale=3.0, gate_shift=1.0,
+                             return_gate=False, backend="auto", deterministic=False, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(window_size=(4, -1)), dict(softcap=2.0)])
+def test_backends_without_the_features_decline_and_auto_falls_back(kw):
+    problem = _problem(**kw)
+    for name in ("triton", "cuda"):
+        reason = dispatch.unsupported_reason(name, problem)
+        assert reason is not None
+    assert dispatch.choose_backend("auto", problem) in ("cpu", "torch")
+    if dispatch.unsupported_reason("triton", _problem()) is None:  # triton serves the plain call
+        assert "window" in dispatch.unsupported_reason("triton", problem)
+
+
+def test_window_is_normalised():
+    assert _problem().window_size == (-1, -1) and not _problem().windowed
+    assert _problem(window_size=(-1, 0)).window_size == (-1, -1)  # causal already bounds it
+    assert _problem(window_size=[3, 5]).window_size == (3, -1)
+    # Nq = Nk = 6: a side of 5 or more bounds nothing
+    assert _problem(window_size=(5, -1)).window_size == (-1, -1)
+    assert _problem(window_size=(4, -1)).window_size == (4, -1)
+
+
+BAD = [
+    (dict(window_size=4), TypeError, "window_size must be a pair of ints"),
+    (dict(window_size=(1, 2, 3)), TypeError, "window_size must be a pair of ints"),
+    (dict(window_size=(1.0, -1)), TypeError, "window_size must be a pair of ints"),
+    (dict(window_size=(True, -1)), TypeError, "window_size must be a pair of ints"),
+    (dict(window_size=(-2, -1)), ValueError, "window_size sides must be >= 0, or -1"),
+    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(softcap=float("inf")), TypeError, "softcap must be a finite float"),
+    (dict(softcap="30"), TypeError, "softcap must be a finite float"),
+]
+
+
+@pytest.mark.parametrize("kw,error,message", BAD, ids=[repr(b[0]) for b in BAD])
+def test_bad_input_names_the_argument(kw, error, message):
+    t = make_inputs(Case(nq=6, nk=6), 0)
+    with pytest.raises(error, match=message):
+        gated_memory_attention(*(t[n] for n in NAMES), cos=t["cos"], sin=t["sin"], **kw)
