@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 # The CuTe headers of the CUDA kernels; --no-deps: its Python dependencies are not needed.
 CUTLASS := nvidia-cutlass==4.2.0.0
 
-.PHONY: demo test test-compat test-triton-lane test-install build wheel bench bench-quick gpu-check clean
+.PHONY: demo test test-compat test-triton-lane test-install build wheel bench bench-quick gpu-check gpu-check-dry clean
 
 # The virtual environment: reuses an importable torch, else installs the CPU build of
 # $(TORCH) (an unpinned torch would pull a multi-GB CUDA build).
@@ -42,7 +42,8 @@ $(WHEEL_TOOLS)/bin/auditwheel:
 wheel: $(WHEEL_TOOLS)/bin/auditwheel
 	rm -rf build/wheel-unrepaired
 	$(PYTHON) -m pip wheel . --no-deps -w build/wheel-unrepaired
-	$(WHEEL_TOOLS)/bin/auditwheel repair --strip -w $(WHEEL_DIR) build/wheel-unrepaired/*.whl
+	PATH="$(abspath $(WHEEL_TOOLS))/bin:$$PATH" auditwheel repair --strip -w $(WHEEL_DIR) \
+	  build/wheel-unrepaired/*.whl
 
 # What a user installs, checked as CI (issue 13): the CPU-only wheel of `make wheel`, into a
 # fresh venv without system packages holding the CPU torch and the wheel's declared
@@ -56,8 +57,8 @@ test-install: $(STAMP)
 	rm -rf $(CI_WHEELS) $(INSTALL_VENV)
 	LIFT_KERNELS_CUDA=0 $(MAKE) wheel WHEEL_DIR=$(CI_WHEELS)
 	$(PYTHON) -m venv $(INSTALL_VENV)
-	$(INSTALL_VENV)/bin/pip install -q $(TORCH)
-	$(INSTALL_VENV)/bin/pip install -q $(CI_WHEELS)/*.whl
+	$(INSTALL_VENV)/bin/pip install -q --no-compile $(TORCH)
+	$(INSTALL_VENV)/bin/pip install -q --no-compile $(CI_WHEELS)/*.whl
 	cd build && install-venv/bin/python ../tests/installed_check.py
 	$(MAKE) build
 	$(PY) -m pytest -q tests/test_build.py
@@ -67,9 +68,12 @@ demo: build
 	@mkdir -p out
 	$(PY) -m lift_kernels demo --json out/demo.json
 
+# The whole suite (newest transformers and Triton), then the Triton lane and the HF lane
+# with the lowest transformers of the range.
 test: build
 	$(PY) -m pytest -q tests
 	@$(MAKE) --no-print-directory test-triton-lane
+	@$(MAKE) --no-print-directory test-compat
 
 # The Triton backend's tests again under the GPU image's Triton (3.6), installed into its
 # own folder put first on PYTHONPATH (the venv keeps the newest).  With it NumPy 2.3: Triton
@@ -88,16 +92,17 @@ test-triton-lane: build
 
 # The HF tests against the lowest transformers of the range pinned in pyproject.toml,
 # installed with its own dependencies into a folder put first on PYTHONPATH (the venv keeps
-# the newest).  Downloads about 60 MB once.
-COMPAT_TRANSFORMERS := 5.0.0
+# the newest).  Downloads about 60 MB once.  Kept short for CI (make test runs it): no
+# convergence run and no Triton-interpreter cases (test_triton.py covers that backend).
+COMPAT_TRANSFORMERS ?= 5.0.0
 COMPAT_DIR := build/compat-transformers-$(COMPAT_TRANSFORMERS)
 
 test-compat: build
 	@[ -f $(COMPAT_DIR)/.installed ] || { $(PIP) install --upgrade --target $(COMPAT_DIR) \
 	  "transformers==$(COMPAT_TRANSFORMERS)" "huggingface-hub>=1,<2" "tokenizers>=0.22,<=0.23.0" \
 	  && touch $(COMPAT_DIR)/.installed; }
-	PYTHONPATH=$(COMPAT_DIR) $(PY) -m pytest -q tests/test_hf.py tests/test_hf_training.py \
-	  -k "not convergence"
+	PYTHONPATH=$(COMPAT_DIR) $(PY) -m pytest -q tests/test_hf_families.py tests/test_hf.py \
+	  tests/test_hf_training.py -k "not convergence and not triton"
 
 bench-quick: build
 	$(PY) bench/kernels.py --quick
@@ -105,10 +110,15 @@ bench-quick: build
 bench: build
 	$(PY) bench/kernels.py
 
-# On a GPU machine (python3 with torch, triton, transformers; nvcc): build, GPU tests,
-# benchmarks, LIFT step; everything lands in bench/out/gpu_check.
+# On a GPU machine (python3 with torch, triton, pytest; nvcc, compute-sanitizer): the
+# one-shot check of bench/gpu_check.sh, about 6 minutes on an H200: build, GPU tests,
+# correctness gate, timing, profile, sanitizer.  bench/out/gpu_check gets summary.md,
+# summary.json and gpu_check.tar.gz.  gpu-check-dry: the same plan on the CPU at tiny shapes.
 gpu-check:
 	bench/gpu_check.sh bench/out/gpu_check
+
+gpu-check-dry: build
+	PYTHON=$(PY) bench/gpu_check.sh bench/out/gpu_check-dry --dry
 
 clean:
 	rm -rf build dist $(VENV) lift_kernels/_C*.so *.egg-info

@@ -23,8 +23,11 @@ CONFIGS = {
                                   layer_types=LOCAL_GLOBAL)),
     "qwen3": ("Qwen3Config", {}),
     "gemma": ("GemmaConfig", {}),
+    # eager: transformers 5.0.0 runs Gemma 2 with sdpa attention, which silently drops the
+    # soft-capping that the op applies
     "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, attn_logit_softcapping=1.5,
-                                    query_pre_attn_scalar=12, layer_types=LOCAL_GLOBAL)),
+                                    query_pre_attn_scalar=12, layer_types=LOCAL_GLOBAL,
+                                    attn_implementation="eager")),
     "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=WINDOW, query_pre_attn_scalar=12,
                                              layer_types=LOCAL_GLOBAL)),
     "phi3": ("Phi3Config", dict(sliding_window=WINDOW)),
@@ -38,11 +41,13 @@ CONFIGS = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, **MOE)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0])),  # layer 1 has no RoPE
     "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW, use_bias=True)),
+    "cohere2": ("Cohere2Config", dict(sliding_window=WINDOW, layer_types=LOCAL_GLOBAL)),
+    "cohere": ("CohereConfig", dict(use_qk_norm=True)),
 }
 FAMILIES = tuple(CONFIGS)
 # Families whose tiny model has a window or soft-capping in some layer.
 WINDOWED = ("mistral", "qwen2", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
-            "starcoder2")
+            "starcoder2", "cohere2")
 
 
 def tiny_config(family, **extra):

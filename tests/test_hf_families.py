@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 import lift_kernels  # noqa: E402
 from lift_kernels import GatedMemoryConfig  # noqa: E402
 from lift_kernels.hf import patch as hf_patch  # noqa: E402
+from lift_kernels.install import TRANSFORMERS_RANGE  # noqa: E402
 
 from hf_families import FAMILIES, VOCAB, WINDOW, WINDOWED, tiny_model  # noqa: E402
 from lift_tiny import one_thread  # noqa: E402,F401  (fixture: one torch thread per test)
@@ -56,7 +57,7 @@ def test_supported_families_lists_every_family():
     listed = lift_kernels.supported_families()
     assert set(listed) == set(FAMILIES)
     for info in listed.values():
-        assert info["features"] and len(info["transformers"]) == 2
+        assert info["features"] and info["transformers"] == TRANSFORMERS_RANGE
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -180,7 +181,7 @@ def test_windowed_and_softcapped_layers_run_the_fused_kernels(family, implementa
     try:
         model = tiny_model(family, attn_implementation=implementation)
     except ValueError as err:  # Gemma 2 has no sdpa attention (soft-capping)
-        pytest.skip(f"{family} does not run {implementation} attention: {err}")
+        pytest.skip(f"{family} does not run {implementation} attention ({str(err)[:60]})")
     lift_kernels.replace_attention(model, backend="cpu")
     randomize_memory(model)
 
@@ -205,3 +206,11 @@ def test_windowed_and_softcapped_layers_run_the_fused_kernels(family, implementa
         expected.append(((window - 1, -1) if window else (-1, -1), adapter.softcap(m) or 0.0))
     assert seen == expected
     assert any(w != (-1, -1) or c for w, c in expected)  # the tiny model has some
+
+
+def test_partial_rotary_is_refused():
+    model = tiny_model("phi3", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})
+    lift_kernels.replace_attention(model, backend="torch")
+    with pytest.raises(ValueError, match="partial rotary"):
+        logits(model, tokens())

@@ -47,6 +47,13 @@ class Adapter:
         RoPE.  The decoder hands each layer its own tables (local/global RoPE)."""
         return position_embeddings
 
+    def rope_permutation(self, module):
+        """None when the layer's RoPE is HF's rotate_half (the op's).  Otherwise the index
+        [D] of head features that turns the layer's RoPE into rotate_half: q and k are
+        permuted alike (q.k is unchanged), and so are the RoPE tables; the KV cache keeps
+        the model's layout."""
+        return None
+
     def sliding_window(self, module) -> int | None:
         """The layer's HF sliding window w (query i sees key j iff i - w < j <= i), or None."""
         return getattr(module, "sliding_window", None)

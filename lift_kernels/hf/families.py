@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 
+from ..install import TRANSFORMERS_RANGE
+
 FAMILIES = {
     "llama": "lift_kernels.hf.llama",
     "mistral": "lift_kernels.hf.mistral",
@@ -22,18 +24,17 @@ FAMILIES = {
     "qwen3_moe": "lift_kernels.hf.qwen3_moe",
     "smollm3": "lift_kernels.hf.smollm3",
     "starcoder2": "lift_kernels.hf.starcoder2",
+    "cohere2": "lift_kernels.hf.cohere2",
+    "cohere": "lift_kernels.hf.cohere",
 }
 
-# The transformers releases every family passes the family test suite with: the ends of
-# the range pinned in pyproject.toml (make test runs the newest, make test-compat the lowest).
-TRANSFORMERS_TESTED = ("5.0.0", "5.24.0")
-
-
 def supported_families() -> dict:
-    """{model_type: {"features": what differs from Llama, "transformers": (lowest, newest)
-    tested}} for every family replace_attention serves.  Imports no transformers."""
+    """{model_type: {"features": what differs from Llama, "transformers": the tested range}}
+    for every family replace_attention serves.  Every family passes the shared family suite
+    at both ends of the range (make test: the newest, make test-compat: the lowest).
+    Imports no transformers."""
     return {name: {"features": importlib.import_module(path).ADAPTER.features,
-                   "transformers": TRANSFORMERS_TESTED}
+                   "transformers": TRANSFORMERS_RANGE}
             for name, path in FAMILIES.items()}
 
 

@@ -1,7 +1,7 @@
 """Phi-3: one fused qkv_proj (q, then k, then v along the output features) and a model-wide
 sliding window.  The memory reads the q part of qkv_proj's output before RoPE.  Partial
-rotary embeddings (partial_rotary_factor < 1) are not served: the op rotates the whole head,
-so such a model fails on its first forward with a ValueError naming cos."""
+rotary embeddings (partial_rotary_factor < 1) are not served: the op rotates whole heads, so
+such a model fails on its first forward with a ValueError saying so."""
 
 from .adapter import ConfigWindowAdapter, _base
 
