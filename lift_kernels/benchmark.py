@@ -353,8 +353,9 @@ def measure(name: str, shape: Shape, device: str, *, warmup: int = 1, max_repeat
     run, with_memory, note = _runner(name, shape, device)
     # One pass on a tiny problem first: library code pages, thread pools and handles are
     # loaded before the memory is measured, without leaving large freed blocks behind.
-    # Same batch as the shape: Triton specialises kernels on a batch of 1, and a second
-    # set of compiled autotuning configurations would cost minutes on a GPU.
+    # Same batch as the shape: Triton specialises a kernel that takes the batch size on a
+    # batch of 1, and a second set of compiled autotuning configurations would cost minutes
+    # on a GPU.
     tiny = make_inputs(Shape(shape.batch, 16, 16, shape.hq, shape.hkv, shape.head_dim,
                              shape.dtype, shape.causal), device, 0, with_memory)
     torch.autograd.grad(run(tiny), _leaves(tiny), tiny["dout"])
