@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# The CuTe headers of the CUDA kernels; --no-deps: its Python dependencies are not needed.
+CUTLASS := nvidia-cutlass==4.2.0.0
 
 .PHONY: demo test test-compat test-triton-lane test-install build wheel bench bench-quick gpu-check gpu-check-dry clean
 
@@ -17,6 +19,7 @@ $(STAMP): pyproject.toml setup.py
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
 	$(PIP) install "setuptools>=70" "pybind11>=2.12" "cmake>=3.26" ninja
+	$(PIP) install --no-deps $(CUTLASS)
 	$(PIP) install -e ".[dev]" --no-build-isolation
 	@touch $(STAMP)
 

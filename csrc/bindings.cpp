@@ -61,6 +61,10 @@ lift::AttnParams params_from(const py::dict& d, bool backward) {
   p.g1 = pointer<const float>(d, "g1");
   p.c1 = pointer<const float>(d, "c1");
   p.g2 = pointer<const float>(d, "g2");
+  // The CUDA forward's tensor-core copies of the weights (absent for the CPU kernels).
+  p.w1t_mma = d.contains("w1t_mma") ? pointer<const void>(d, "w1t_mma") : nullptr;
+  p.w2_mma = d.contains("w2_mma") ? pointer<const void>(d, "w2_mma") : nullptr;
+  p.g1t_mma = d.contains("g1t_mma") ? pointer<const void>(d, "g1t_mma") : nullptr;
   p.cos = pointer<const float>(d, "cos");
   p.sin = pointer<const float>(d, "sin");
   if (p.cos && p.head_dim % 2) throw std::invalid_argument("RoPE needs an even head dim");
@@ -137,9 +141,20 @@ PYBIND11_MODULE(_C, m) {
     lift::cuda::backward(p);
   }, "CUDA backward on the given stream (same fields as cpu_backward).");
   m.def("cuda_supports", &lift::cuda::supports,
-        "Why the CUDA kernels cannot serve (head_dim, dtype code, mem_hidden), or ''.");
+        "Why the CUDA kernels cannot serve (head_dim, dtype code, mem_hidden, gate_hidden) on "
+        "device index (-1: any), or ''.");
+  m.attr("CUDA_GATE_COLS") = lift::cuda::kGateCols;
+  m.def("cuda_smem_bytes", &lift::cuda::smem_bytes,
+        "Shared memory per block (forward, largest backward) for (head_dim, dtype code).");
   m.def("cuda_workspace_bytes", [](const py::dict& fields) {
     return lift::cuda::backward_workspace_bytes(params_from(fields, false));
   }, "Bytes of device workspace cuda_backward needs (passed as the 'workspace' field).");
+  m.def("cuda_workspace_offsets", [](const py::dict& fields) {
+    py::dict d;
+    for (const auto& [name, offset, dtype] :
+         lift::cuda::backward_workspace_regions(params_from(fields, false)))
+      d[py::str(name)] = py::make_tuple(offset, static_cast<int>(dtype));
+    return d;
+  }, "{region: (byte offset, dtype code)} of the CUDA backward's workspace.");
 #endif
 }

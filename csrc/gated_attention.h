@@ -43,6 +43,11 @@ struct AttnParams {
   const float *w1 = nullptr, *b1 = nullptr, *w2 = nullptr, *b2 = nullptr;
   const float *g1 = nullptr, *c1 = nullptr, *g2 = nullptr;
 
+  // The CUDA forward's tensor-core operands, in dtype, contiguous (cext.py makes them from
+  // the float32 weights): w1t_mma [Hq, M, D] = W1^T, w2_mma [Hq, M, D] = W2, g1t_mma
+  // [Hq, 16, D] = G1^T with rows >= R zero.  Unused by the CPU kernels.
+  const void *w1t_mma = nullptr, *w2_mma = nullptr, *g1t_mma = nullptr;
+
   const float* cos = nullptr;  // null: no rotation
   const float* sin = nullptr;
   int64_t rope_batch_stride = 0, rope_row_stride = 0;

@@ -34,6 +34,10 @@ GRID = {
     "fp16": BASE.but(dtype=torch.float16, bias=True),
     "fp32_weights": BASE.but(weight_dtype=torch.float32),
     "long": BASE.but(batch=1, nq=1000, nk=1000, hq=2, hkv=1, head_dim=128),
+    # the forward's edges: one ragged key block, rows that see no key, M of 3 chunks,
+    # a custom scale, MQA at D=128 without RoPE
+    "ragged_edges": BASE.but(nq=129, nk=65, mem_hidden=192, bias=True, softmax_scale=0.3),
+    "mqa_d128_no_rope": BASE.but(hq=4, hkv=1, head_dim=128, rope=False, nq=64, nk=191),
 }
 
 
@@ -75,7 +79,7 @@ def _problem(case):
 
 
 @pytest.mark.parametrize("change", [dict(head_dim=32), dict(dtype=torch.float32),
-                                    dict(mem_hidden=100)])
+                                    dict(mem_hidden=100), dict(gate_hidden=17)])
 def test_cuda_unsupported_falls_back(change):
     """An explicit backend="cuda" raises NotImplementedError saying why; auto picks another."""
     case = BASE.but(**change)

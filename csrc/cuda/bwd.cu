@@ -7,8 +7,15 @@
 //                      the query tiles that see it, dV += P^T dA, dK += dS^T Q (registers)
 //   dq_kernel          per query tile: over the visible key blocks, dQ += dS K (registers),
 //                      then dq = branches + RoPE^T(scale dQ)
-//   outer_sum_kernel   the weight gradients as sums over all (batch, row) in a fixed order
+// The weight gradients are sums over all (batch, row) of outer products of the rows the
+// preprocess leaves in the workspace: cext.py hands them to batched GEMMs (cuBLAS, tensor
+// cores; workspace_offsets() says where each region is).
 // No atomics anywhere: the backward is bit-reproducible whatever `deterministic` says.
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
+
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
 
@@ -30,23 +37,37 @@ struct Workspace {
   float* dq;      // [B, Nq, Hq, D]  the branches' share of dq
   int64_t bytes;
 
-  Workspace(const AttnParams& p, void* base) {
+  // `regions`, when given, receives (name, byte offset, dtype) of every region (for the
+  // weight-gradient GEMMs in cext.py); the struct itself stays a plain kernel argument.
+  Workspace(const AttnParams& p, void* base,
+            std::vector<std::tuple<std::string, int64_t, DType>>* regions = nullptr) {
     const int64_t rows = p.batch * p.nq * p.hq;
     int64_t off = 0;
+    const char* name = nullptr;
+    DType dtype = p.dtype;
     auto take = [&](int64_t n_bytes) {
       const int64_t at = off;
       off += align128(n_bytes);
+      if (regions) regions->emplace_back(name, at, dtype);
       return static_cast<unsigned char*>(base) + at;
     };
-    da = reinterpret_cast<T*>(take(rows * p.head_dim * sizeof(T)));
-    dmem = reinterpret_cast<T*>(take(rows * p.head_dim * sizeof(T)));
-    a1 = reinterpret_cast<T*>(take(rows * p.mem_hidden * sizeof(T)));
-    dh1 = reinterpret_cast<T*>(take(rows * p.mem_hidden * sizeof(T)));
-    ag = reinterpret_cast<float*>(take(rows * p.gate_hidden * 4));
-    dhg = reinterpret_cast<float*>(take(rows * p.gate_hidden * 4));
-    dlogit = reinterpret_cast<float*>(take(rows * 4));
-    delta = reinterpret_cast<float*>(take(rows * 4));
-    dq = reinterpret_cast<float*>(take(rows * p.head_dim * 4));
+    auto take_t = [&](const char* n, int64_t width) {
+      name = n, dtype = p.dtype;
+      return reinterpret_cast<T*>(take(rows * width * sizeof(T)));
+    };
+    auto take_f = [&](const char* n, int64_t width) {
+      name = n, dtype = DType::kFloat32;
+      return reinterpret_cast<float*>(take(rows * width * 4));
+    };
+    da = take_t("da", p.head_dim);
+    dmem = take_t("dmem", p.head_dim);
+    a1 = take_t("a1", p.mem_hidden);
+    dh1 = take_t("dh1", p.mem_hidden);
+    ag = take_f("ag", p.gate_hidden);
+    dhg = take_f("dhg", p.gate_hidden);
+    dlogit = take_f("dlogit", 1);
+    delta = take_f("delta", 1);
+    dq = take_f("dq", p.head_dim);
     bytes = off;
   }
 };
@@ -354,51 +375,17 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const AttnParams p, Worksp
   }
 }
 
-// Element (row, h, i) of a [B, N, H, W] tensor: b * sb + n * sn + h * sh + i.
-struct RowLayout {
-  int64_t sb, sn, sh;
-};
-
-// C[h][i][j] = sum over (b, n), in order, of X[b, n, h, i] * Y[b, n, h, j] (X null: ones,
-// ni = 1).  16 x 16 outputs per block, 16-row chunks staged in shared memory.
-template <class TX, class TY>
-__global__ void outer_sum_kernel(const TX* X, RowLayout xl, const TY* Y, RowLayout yl, float* C,
-                                 int64_t batch, int64_t n, int64_t ni, int64_t nj) {
-  __shared__ float xs[16][17], ys[16][17];
-  const int64_t h = blockIdx.z, i = blockIdx.y * 16 + threadIdx.y, j = blockIdx.x * 16 + threadIdx.x;
-  float acc = 0.f;
-  for (int64_t bb = 0; bb < batch; ++bb)
-    for (int64_t n0 = 0; n0 < n; n0 += 16) {
-      const int64_t row = n0 + threadIdx.y;
-      const int64_t xi = blockIdx.y * 16 + threadIdx.x;
-      xs[threadIdx.y][threadIdx.x] =
-          row < n && xi < ni ? (X ? static_cast<float>(X[bb * xl.sb + row * xl.sn + h * xl.sh + xi]) : 1.f)
-                             : 0.f;
-      ys[threadIdx.y][threadIdx.x] =
-          row < n && j < nj ? static_cast<float>(Y[bb * yl.sb + row * yl.sn + h * yl.sh + j]) : 0.f;
-      __syncthreads();
-#pragma unroll
-      for (int r = 0; r < 16; ++r) acc += xs[r][threadIdx.y] * ys[r][threadIdx.x];
-      __syncthreads();
-    }
-  if (i < ni && j < nj) C[(h * ni + i) * nj + j] = acc;
-}
-
-template <class TX, class TY>
-void launch_outer_sum(const AttnParams& p, const TX* X, RowLayout xl, const TY* Y, RowLayout yl,
-                      float* C, int64_t ni, int64_t nj) {
-  if (C == nullptr) return;  // an absent bias
-  const dim3 grid(static_cast<unsigned>((nj + 15) / 16), static_cast<unsigned>((ni + 15) / 16),
-                  static_cast<unsigned>(p.hq));
-  outer_sum_kernel<TX, TY><<<grid, dim3(16, 16), 0, reinterpret_cast<cudaStream_t>(p.stream)>>>(
-      X, xl, Y, yl, C, p.batch, p.nq, ni, nj);
-  LIFT_CUDA_CHECK_LAUNCH("outer_sum_kernel");
-}
-
 }  // namespace
 
 int64_t backward_workspace_bytes(const AttnParams& p) {
   return Workspace<__half>(p, nullptr).bytes;  // the layout does not depend on T's 2 bytes
+}
+
+std::vector<std::tuple<std::string, int64_t, DType>> backward_workspace_regions(
+    const AttnParams& p) {
+  std::vector<std::tuple<std::string, int64_t, DType>> regions;
+  Workspace<__half>(p, nullptr, &regions);
+  return regions;
 }
 
 template <class T, int D>
@@ -425,22 +412,16 @@ void launch_backward(const AttnParams& p) {
   set_smem_limit(reinterpret_cast<const void*>(dq), A::bytes);
   dq<<<q_grid, kThreads, A::bytes, stream>>>(p, ws);
   LIFT_CUDA_CHECK_LAUNCH("dq_kernel");
-
-  const int64_t M = p.mem_hidden, R = p.gate_hidden, H = p.hq;
-  const T* q = static_cast<const T*>(p.q);
-  const RowLayout ql{p.q_stride.batch, p.q_stride.row, p.q_stride.head};
-  auto rows_of = [&](int64_t width) { return RowLayout{p.nq * H * width, H * width, width}; };
-  const float* ones = nullptr;
-  launch_outer_sum(p, q, ql, ws.dh1, rows_of(M), p.dw1, D, M);
-  launch_outer_sum(p, ones, RowLayout{}, ws.dh1, rows_of(M), p.db1, 1, M);
-  launch_outer_sum(p, ws.a1, rows_of(M), ws.dmem, rows_of(D), p.dw2, M, D);
-  launch_outer_sum(p, ones, RowLayout{}, ws.dmem, rows_of(D), p.db2, 1, D);
-  launch_outer_sum(p, q, ql, ws.dhg, rows_of(R), p.dg1, D, R);
-  launch_outer_sum(p, ones, RowLayout{}, ws.dhg, rows_of(R), p.dc1, 1, R);
-  launch_outer_sum(p, ws.dlogit, rows_of(1), ws.ag, rows_of(R), p.dg2, 1, R);
 }
 
-#define LIFT_INSTANTIATE_BACKWARD(T, D) template void launch_backward<T, D>(const AttnParams&);
+template <class T, int D>
+int64_t backward_smem_bytes() {
+  return std::max(PreSmem<T, D>::bytes, AttnBwdSmem<T, D>::bytes);
+}
+
+#define LIFT_INSTANTIATE_BACKWARD(T, D)                          \
+  template void launch_backward<T, D>(const AttnParams&);       \
+  template int64_t backward_smem_bytes<T, D>();
 LIFT_CUDA_CONFIGS(LIFT_INSTANTIATE_BACKWARD)
 
 }  // namespace cuda

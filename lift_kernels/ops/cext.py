@@ -47,16 +47,17 @@ def unsupported_reason(name: str, problem) -> str | None:
         if problem.dtype not in CUDA_DTYPES:
             return (f"the cuda backend runs float16/bfloat16 tensor-core tiles, got "
                     f"{problem.dtype} (use triton or torch)")
-        reason = _C.cuda_supports(problem.head_dim, _DTYPE_CODES[problem.dtype],
-                                  problem.mem_hidden)
-        if reason:
-            return reason
         if _C.cuda_device_count() == 0:
             return "the CUDA runtime of lift_kernels._C sees no GPU"
         major, _ = torch.cuda.get_device_capability(problem.device)
         if major < 8:
             return f"the cuda kernels need compute capability >= 8.0 (sm_80), got {major}.x"
-        return None
+        # Head dim, dtype, M, R, and the device's shared memory per block (sm_86/89: 99 KB).
+        index = problem.device.index
+        reason = _C.cuda_supports(problem.head_dim, _DTYPE_CODES[problem.dtype],
+                                  problem.mem_hidden, problem.gate_hidden,
+                                  torch.cuda.current_device() if index is None else index)
+        return reason or None
     return f"lift_kernels.ops.cext serves 'cpu' and 'cuda', not {name!r}"
 
 
@@ -111,6 +112,57 @@ def _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_s
     return fields, [q, k, v, cos, sin, *weights]
 
 
+def _mma_weights(w1, w2, g1, dtype) -> dict:
+    """The CUDA forward's tensor-core operands (AttnParams::w1t_mma, ...): the weights in the
+    16-bit input dtype, as [rows][D] tiles like K and V: W1^T and W2 [Hq, M, D], and G1^T
+    zero-padded to _C.CUDA_GATE_COLS rows (padded hidden units contribute exactly 0)."""
+    hq, d, r = g1.shape
+    g1t = torch.zeros((hq, _C.CUDA_GATE_COLS, d), dtype=dtype, device=g1.device)
+    g1t[:, :r] = g1.detach().to(dtype).transpose(1, 2)
+    return dict(w1t_mma=w1.detach().to(dtype).transpose(1, 2).contiguous(),
+                w2_mma=w2.detach().to(dtype).contiguous(), g1t_mma=g1t)
+
+
+def _workspace_rows(workspace, offsets, q_shape, mem_hidden, gate_hidden) -> dict:
+    """Views of the CUDA backward's workspace regions that the weight gradients read, each
+    [B * Nq, Hq, width]: a1 = silu(q W1 + b1) and dh1 (its pre-activation's gradient), dmem,
+    ag = silu(q G1 + c1) and dhg, dlogit.  `offsets` (bytes) and the dtypes come from _C."""
+    batch, nq, hq, d = q_shape
+    widths = dict(a1=mem_hidden, dh1=mem_hidden, dmem=d, ag=gate_hidden, dhg=gate_hidden,
+                  dlogit=1)
+    out = {}
+    for key, (offset, code) in offsets.items():
+        if key not in widths:
+            continue
+        dtype = next(t for t, c in _DTYPE_CODES.items() if c == code)
+        count = batch * nq * hq * widths[key]
+        region = workspace[offset:offset + count * dtype.itemsize]
+        out[key] = region.view(dtype).view(batch * nq, hq, widths[key])
+    return out
+
+
+def _head_gram(x, y):
+    """sum over rows r of x[r, h]^T y[r, h], per head h: [Hq, X, Y] float32 from x [rows, Hq,
+    X], y [rows, Hq, Y].  16-bit operands go to one batched tensor-core GEMM with float32
+    output (CUDA); others are multiplied in float32."""
+    xt, yt = x.permute(1, 2, 0), y.permute(1, 0, 2)
+    if x.is_cuda and x.dtype == y.dtype and x.dtype in CUDA_DTYPES:
+        return torch.bmm(xt, yt, out_dtype=torch.float32)
+    return torch.bmm(xt.float(), yt.float())
+
+
+def weight_grads_from_rows(q, rows) -> dict:
+    """The seven weight gradients (float32) from the backward's per-row tensors (see
+    _workspace_rows) and the unrotated q [B, Nq, Hq, D]: dW1 = q^T dh1, db1 = sum dh1,
+    dW2 = a1^T dmem, db2 = sum dmem, dG1 = q^T dhg, dc1 = sum dhg, dg2 = sum dlogit ag."""
+    x = q.reshape(-1, q.shape[2], q.shape[3])
+    return dict(
+        dw1=_head_gram(x, rows["dh1"]), db1=rows["dh1"].sum(0, dtype=torch.float32),
+        dw2=_head_gram(rows["a1"], rows["dmem"]), db2=rows["dmem"].sum(0, dtype=torch.float32),
+        dg1=_head_gram(x, rows["dhg"]), dc1=rows["dhg"].sum(0, dtype=torch.float32),
+        dg2=_head_gram(rows["dlogit"], rows["ag"])[:, 0])
+
+
 def _call(name: str, direction: str, fields: dict, device: torch.device):
     fn = getattr(_C, f"{name}_{direction}")
     if device.type == "cuda":
@@ -132,6 +184,10 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
     gate = _alloc((batch, nq, hq), torch.float32, q.device)
     lse = _alloc((batch, hq, nq), torch.float32, q.device)
     fields.update(out=_ptr(out), attn=_ptr(attn), gate=_ptr(gate), lse=_ptr(lse))
+    if name == "cuda":
+        mma = _mma_weights(w1, w2, g1, q.dtype)
+        fields.update({key: _ptr(t) for key, t in mma.items()})
+        keep.extend(mma.values())
     _call(name, "forward", fields, q.device)
     del keep
     return out, gate, lse, attn
@@ -169,6 +225,16 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
                                 device=q.device)
         fields["workspace"] = _ptr(workspace)
     _call(name, "backward", fields, q.device)
+    if name == "cuda":
+        # The kernels leave the per-row activations and gradients in the workspace; the
+        # weight gradients are sums over all (batch, row) of their outer products: batched
+        # GEMMs over the heads (cuBLAS, tensor cores), not a kernel of ours.
+        rows = _workspace_rows(workspace, _C.cuda_workspace_offsets(fields), q.shape,
+                               w1.shape[2], g1.shape[2])
+        grads = weight_grads_from_rows(q, rows)
+        for key, g in zip(("dw1", "db1", "dw2", "db2", "dg1", "dc1", "dg2"), wgrads):
+            if g is not None:
+                g.copy_(grads[key])
     del keep
     wgrads = [None if g is None else g.to(w.dtype) for g, w in zip(wgrads, weights)]
     return (dq, dk, dv, *wgrads)
