@@ -1,7 +1,9 @@
 """Builds lift_kernels._C with CMake (ninja generator, pybind11).
 
 Environment: LIFT_KERNELS_CUDA=0/1 forces the CUDA part off/on (default: on when nvcc is
-found); LIFT_KERNELS_CUDA_ARCHS="80;90a" picks the architectures; MAX_JOBS caps parallelism.
+found); LIFT_KERNELS_CUDA_ARCHS="80;90a" picks the architectures; LIFT_KERNELS_CUTLASS_INCLUDE
+names the CuTe headers when the nvidia-cutlass package is not importable (an isolated build);
+MAX_JOBS caps parallelism.
 Each build reads them afresh: nothing sticks in the CMake cache from an earlier build.
 """
 
@@ -86,8 +88,9 @@ class CMakeBuild(build_ext):
             raise ValueError(f"LIFT_KERNELS_CUDA must be 0 or 1 (or unset), got {cuda!r}")
         args.append(f"-DLIFT_KERNELS_CUDA={'ON' if cuda == '1' else 'OFF'}" if cuda
                     else "-ULIFT_KERNELS_CUDA")
-        archs = os.environ.get("LIFT_KERNELS_CUDA_ARCHS")
-        args.append(f"-DLIFT_KERNELS_CUDA_ARCHS={archs}" if archs else "-ULIFT_KERNELS_CUDA_ARCHS")
+        for name in ("LIFT_KERNELS_CUDA_ARCHS", "LIFT_KERNELS_CUTLASS_INCLUDE"):
+            value = os.environ.get(name)
+            args.append(f"-D{name}={value}" if value else f"-U{name}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run([toolchain["cmake"], str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run([toolchain["cmake"], "--build", ".", "-j", jobs], cwd=build_dir,
