@@ -112,7 +112,7 @@ def test_model_errors(workdir, tmp_path, capsys):
                                n_positions=64)).save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
     _error(capsys, _absorb(workdir, tmp_path, model=tmp_path / "gpt2"), "unsupported",
-           "supported families: llama")
+           "supported families: cohere, cohere2, gemma")
 
 
 def test_memory_file_errors(workdir, tmp_path, capsys):

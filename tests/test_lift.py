@@ -319,7 +319,7 @@ def test_gated_memory_rejects_an_unsupported_family():
     tok = make_tokenizer()
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,
                                        n_positions=64))
-    with pytest.raises(UnsupportedModelError, match="supported families: llama"):
+    with pytest.raises(UnsupportedModelError, match="supported families: cohere, .*, llama, "):
         absorb(model, tok, make_document(20), config=LiftConfig(**FAST), progress=False)
 
 
