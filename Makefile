@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-compat test-triton-lane test-install build wheel bench bench-quick gpu-check clean
+.PHONY: demo test test-compat test-triton-lane test-install build wheel bench bench-quick gpu-check gpu-check-dry clean
 
 # The virtual environment: reuses an importable torch, else installs the CPU build of
 # $(TORCH) (an unpinned torch would pull a multi-GB CUDA build).
@@ -39,7 +39,8 @@ $(WHEEL_TOOLS)/bin/auditwheel:
 wheel: $(WHEEL_TOOLS)/bin/auditwheel
 	rm -rf build/wheel-unrepaired
 	$(PYTHON) -m pip wheel . --no-deps -w build/wheel-unrepaired
-	$(WHEEL_TOOLS)/bin/auditwheel repair --strip -w $(WHEEL_DIR) build/wheel-unrepaired/*.whl
+	PATH="$(abspath $(WHEEL_TOOLS))/bin:$$PATH" auditwheel repair --strip -w $(WHEEL_DIR) \
+	  build/wheel-unrepaired/*.whl
 
 # What a user installs, checked as CI (issue 13): the CPU-only wheel of `make wheel`, into a
 # fresh venv without system packages holding the CPU torch and the wheel's declared
@@ -53,8 +54,8 @@ test-install: $(STAMP)
 	rm -rf $(CI_WHEELS) $(INSTALL_VENV)
 	LIFT_KERNELS_CUDA=0 $(MAKE) wheel WHEEL_DIR=$(CI_WHEELS)
 	$(PYTHON) -m venv $(INSTALL_VENV)
-	$(INSTALL_VENV)/bin/pip install -q $(TORCH)
-	$(INSTALL_VENV)/bin/pip install -q $(CI_WHEELS)/*.whl
+	$(INSTALL_VENV)/bin/pip install -q --no-compile $(TORCH)
+	$(INSTALL_VENV)/bin/pip install -q --no-compile $(CI_WHEELS)/*.whl
 	cd build && install-venv/bin/python ../tests/installed_check.py
 	$(MAKE) build
 	$(PY) -m pytest -q tests/test_build.py
@@ -106,10 +107,15 @@ bench-quick: build
 bench: build
 	$(PY) bench/kernels.py
 
-# On a GPU machine (python3 with torch, triton, transformers; nvcc): build, GPU tests,
-# benchmarks, LIFT step; everything lands in bench/out/gpu_check.
+# On a GPU machine (python3 with torch, triton, pytest; nvcc, compute-sanitizer): the
+# one-shot check of bench/gpu_check.sh, about 6 minutes on an H200: build, GPU tests,
+# correctness gate, timing, profile, sanitizer.  bench/out/gpu_check gets summary.md,
+# summary.json and gpu_check.tar.gz.  gpu-check-dry: the same plan on the CPU at tiny shapes.
 gpu-check:
 	bench/gpu_check.sh bench/out/gpu_check
+
+gpu-check-dry: build
+	PYTHON=$(PY) bench/gpu_check.sh bench/out/gpu_check-dry --dry
 
 clean:
 	rm -rf build dist $(VENV) lift_kernels/_C*.so *.egg-info

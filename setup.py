@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -32,11 +33,12 @@ class CMakeExtension(Extension):
 
 def _tool(name: str) -> str:
     """The absolute path of a build tool: the one on PATH (pip's isolated build puts its own
-    cmake and ninja first there), else the one the `cmake`/`ninja` Python packages bring."""
-    found = shutil.which(name)
+    cmake and ninja first there), else the one the `cmake`/`ninja` packages installed beside
+    this interpreter or its base (a virtual environment that is not activated)."""
+    beside = os.pathsep.join((sysconfig.get_path("scripts"), os.path.join(sys.base_prefix, "bin")))
+    found = shutil.which(name) or shutil.which(name, path=beside)
     if found is None:
-        module = __import__(name)
-        found = str(Path(module.BIN_DIR) / name)
+        raise RuntimeError(f"{name} is neither on PATH nor in {beside}: pip install {name}")
     return str(Path(found).resolve())
 
 

@@ -25,7 +25,7 @@ def available_backends(device="cpu") -> list:
 # without transformers.
 _HF_NAMES = ("replace_attention", "restore_attention", "freeze_base_model", "memory_parameters",
              "memory_disabled", "save_memory", "load_memory", "collect_gates",
-             "supported_families")
+             "supported_families", "memory_slots")
 
 
 def __getattr__(name):

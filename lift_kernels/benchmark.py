@@ -7,6 +7,8 @@ Contenders, per shape:
     sdpa        SDPA attention alone on the same q, k, v: no RoPE, no memory, no gate.
                 The lower bound a fused backend is held against (FlashAttention on CUDA
                 where PyTorch has it; the row's note says which SDPA kernel ran).
+    cudnn       the same SDPA call with cuDNN attention forced (CUDA only; a row saying
+                why when cuDNN declines the case)
     flex        FlexAttention (torch.compile'd) + the separate memory/gate MLPs (CUDA only)
     <fused>     every other backend available on the device (triton, cuda, cpu), each run
                 through lift_kernels.gated_memory_attention(backend=...)
@@ -57,7 +59,7 @@ from .ops.reference import apply_rope, gate_mlp, memory_mlp
 from .ops.torch_composite import sdpa_attention
 
 PASSES = ("fwd", "bwd", "fwd_bwd")
-BASELINES = ("reference", "torch", "sdpa", "flex")
+BASELINES = ("reference", "torch", "sdpa", "cudnn", "flex")
 # Backends that exist only to test kernels on the CPU (Triton's interpreter): never timed
 # unless asked for by name.
 CPU_TEST_ONLY = ("triton",)
@@ -156,12 +158,14 @@ SWEEPS = _sweeps()
 # ----------------------------------------------------------------------------- contenders
 
 def default_backends(device: str) -> list:
-    """In run order: SDPA (the lower bound), every available fused backend, then torch,
-    reference and (CUDA) flex, so that a time budget cuts the baselines first."""
+    """In run order: SDPA (the lower bound; cuDNN's too on CUDA), every available fused
+    backend, then torch, reference and (CUDA) flex, so that a time budget cuts the
+    baselines first."""
     fused = [b for b in available_backends(device) if b not in BASELINES
              and not (device == "cpu" and b in CPU_TEST_ONLY)]
     tail = ["torch", "reference"] + (["flex"] if device == "cuda" else [])
-    return ["sdpa", *fused, *tail]
+    head = ["sdpa", "cudnn"] if device == "cuda" else ["sdpa"]
+    return [*head, *fused, *tail]
 
 
 def _rope_tables(n, d, device):
@@ -207,28 +211,36 @@ def _op_runner(name, shape):
     return run
 
 
-def _sdpa_runner(shape, device):
-    """SDPA alone, FlashAttention forced on CUDA when it serves the case.  Returns
-    (run, note)."""
+def _sdpa_runner(shape, device, kernel="flash"):
+    """SDPA alone with one kernel forced on CUDA ("flash" or "cudnn").  Returns
+    (run, note).  Where the kernel declines the case, flash falls back to SDPA's default
+    choice (the note says so) and cudnn raises NotImplementedError (its row says why)."""
     scale = shape.head_dim ** -0.5
 
     def run(t):
         return sdpa_attention(t["q"], t["k"], t["v"], shape.causal, scale)
 
     if device != "cuda":
+        if kernel == "cudnn":
+            raise NotImplementedError("the cudnn baseline runs on CUDA only")
         return run, "SDPA default kernel choice"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def flash(t):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    choice = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[kernel]
+
+    def forced(t):
+        with sdpa_kernel(choice):
             return run(t)
     try:
         probe = make_inputs(Shape(1, 128, 128, shape.hq, shape.hkv, shape.head_dim,
                                   shape.dtype, shape.causal), device, 0, with_memory=False)
-        torch.autograd.grad(flash(probe), _leaves(probe), probe["dout"])
-        return flash, "SDPA flash kernel"
-    except RuntimeError as err:  # no flash kernel for this dtype/head dim/GQA: say so
-        return run, f"SDPA default kernel choice (flash declined: {str(err).splitlines()[0]})"
+        torch.autograd.grad(forced(probe), _leaves(probe), probe["dout"])
+        return forced, f"SDPA {kernel} kernel"
+    except RuntimeError as err:  # no such kernel for this dtype/head dim/GQA: say so
+        why = str(err).splitlines()[0]
+        if kernel == "cudnn":
+            raise NotImplementedError(f"cuDNN attention declined: {why}") from err
+        return run, f"SDPA default kernel choice (flash declined: {why})"
 
 
 def _flex_runner(shape, device):
@@ -259,8 +271,8 @@ def _flex_runner(shape, device):
 
 def _runner(name, shape, device):
     """(run(inputs) -> out, with_memory, note) for contender `name`."""
-    if name == "sdpa":
-        run, note = _sdpa_runner(shape, device)
+    if name in ("sdpa", "cudnn"):
+        run, note = _sdpa_runner(shape, device, "flash" if name == "sdpa" else name)
         return run, False, note
     if name == "flex":
         if device != "cuda":
@@ -341,8 +353,10 @@ def measure(name: str, shape: Shape, device: str, *, warmup: int = 1, max_repeat
     run, with_memory, note = _runner(name, shape, device)
     # One pass on a tiny problem first: library code pages, thread pools and handles are
     # loaded before the memory is measured, without leaving large freed blocks behind.
-    tiny = make_inputs(Shape(1, 16, 16, shape.hq, shape.hkv, shape.head_dim, shape.dtype,
-                             shape.causal), device, 0, with_memory)
+    # Same batch as the shape: Triton specialises kernels on a batch of 1, and a second
+    # set of compiled autotuning configurations would cost minutes on a GPU.
+    tiny = make_inputs(Shape(shape.batch, 16, 16, shape.hq, shape.hkv, shape.head_dim,
+                             shape.dtype, shape.causal), device, 0, with_memory)
     torch.autograd.grad(run(tiny), _leaves(tiny), tiny["dout"])
     del tiny
     sets = [make_inputs(shape, device, seed, with_memory) for seed in range(input_sets)]
@@ -542,7 +556,7 @@ def _rows(name, shape, device, result, env) -> list:
             "device_name": env["device_name"], "ms": ms, "ms_min": timing.get("ms_min"),
             "ms_max": timing.get("ms_max"), "repeats": timing.get("repeats"),
             "tflops": flops / (ms * 1e-3) / 1e12 if ms else None, "attn_flops": flops,
-            "mem_flops": 0 if name == "sdpa" else memory_flops(shape, p),
+            "mem_flops": 0 if name in ("sdpa", "cudnn") else memory_flops(shape, p),
             "peak_mem_bytes": timing.get("peak_mem_bytes"), "threads": env["threads"],
             "torch": env["torch"], "triton": env["triton"], "lift_kernels": env["lift_kernels"],
             "date": env["date"]})

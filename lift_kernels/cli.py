@@ -3,6 +3,7 @@
     lift-kernels demo [--json FILE] [--write-document FILE]
     lift-kernels absorb --model PATH|demo --document FILE --out MEMORY.safetensors [options]
     lift-kernels ask --model PATH|demo --memory MEMORY.safetensors --question TEXT [options]
+    lift-kernels eval --model PATH|demo [--memory MEMORY.safetensors] --qa QA.json [options]
     lift-kernels bench [benchmark options]
     lift-kernels --version          what this installation holds (lift_kernels.build_info())
 
@@ -112,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="under torchrun: shard the frozen base with FSDP2")
     absorb.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
                         help="how long a rank waits for the others before failing (600)")
-    absorb.add_argument("--config", metavar="FILE",
-                        help="JSON object of LiftConfig fields (options given here win)")
+    _recipe_options(absorb)
     absorb.add_argument("--quiet", action="store_true", help="no progress bar")
     absorb.add_argument("--json", action="store_true",
                         help="print the result as one JSON object on stdout")
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="document tokens in the context (default: the model's window)")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="(default 64)")
     ask.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    _eval_parser(sub)
 
     # Every option after `bench` belongs to the benchmark's own parser (main passes them on).
     sub.add_parser("bench", help="kernel benchmarks (lift_kernels.benchmark)", add_help=False)
@@ -145,18 +147,44 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="base model dtype (auto: bfloat16 on GPU, float32 on CPU)")
 
 
-def _lift_config(args):
-    from .lift import LiftConfig
+def _recipe_options(p: argparse.ArgumentParser) -> None:
+    from .lift import RECIPES
 
-    fields = {}
+    p.add_argument("--recipe", default="authors", choices=sorted(RECIPES),
+                   help="named LiftConfig preset (default authors: the paper's recipe; demo: "
+                        "token-selective lines held to the base by a KL anchor)")
+    p.add_argument("--config", metavar="FILE",
+                   help="JSON object of LiftConfig fields over the recipe (options given "
+                        "here win over both)")
+
+
+def _recipe_fields(args) -> dict:
+    """LiftConfig fields of --recipe with the --config file over them (a "memory" object
+    updates the recipe's memory fields)."""
+    from .lift import RECIPES
+
+    fields = json.loads(json.dumps(RECIPES[getattr(args, "recipe", None) or "authors"]))
     if getattr(args, "config", None):
         try:
             with open(args.config, encoding="utf-8") as f:
-                fields = json.load(f)
+                overrides = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--config {args.config!r}: {e}") from None
-        if not isinstance(fields, dict):
+        if not isinstance(overrides, dict):
             raise ValueError(f"--config {args.config!r} must hold a JSON object")
+        memory = overrides.pop("memory", None)
+        if memory is not None:
+            if not isinstance(memory, dict):
+                raise ValueError(f"--config {args.config!r}: \"memory\" must be a JSON object")
+            fields["memory"] = {**fields.get("memory", {}), **memory}
+        fields.update(overrides)
+    return fields
+
+
+def _lift_config(args):
+    from .lift import LiftConfig
+
+    fields = _recipe_fields(args)
     options = {"title": "title", "adapter": "adapter", "seed": "seed", "epochs": "segment_epochs",
                "qa_epochs": "qa_epochs", "steps_per_epoch": "steps_per_epoch", "lr": "lr",
                "segment_length": "segment_length", "segment_stride": "segment_stride",
@@ -224,6 +252,8 @@ def cmd_absorb(args, say) -> int:
         "last_loss": stats.step_losses[-1], "step_losses": stats.step_losses,
         "tokens": stats.tokens, "seconds": stats.seconds,
         "tokens_per_second": stats.tokens_per_second, "fingerprint": result.fingerprint,
+        "labelled_tokens": result.labelled_tokens, "num_anchors": result.num_anchors,
+        "recipe_name": args.recipe, "recipe": config.to_dict(),
     }
     if args.json:
         print(json.dumps(report))
@@ -256,6 +286,70 @@ def cmd_ask(args, say) -> int:
                           "with_document": document is not None}))
     else:
         print(text)
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    from .lift.evaluate import MATCHES, PROMPTS
+
+    p = sub.add_parser("eval", help="recall, unrelated-text loss and gates of a memory")
+    _model_options(p)
+    p.add_argument("--memory", metavar="FILE", default=None,
+                   help="from `absorb --out` (default: the base model alone)")
+    p.add_argument("--qa", required=True, metavar="FILE",
+                   help='JSON list of {"question", "answer"}')
+    p.add_argument("--match", choices=MATCHES, default="exact",
+                   help="exact: the completion as long as the answer equals it; contains: "
+                        "the answer appears in the completion (default exact)")
+    p.add_argument("--prompt", choices=PROMPTS, default="question",
+                   help="question: the pipeline's question prompt; raw: the question text "
+                        "is the prompt and the answer its continuation (default question)")
+    p.add_argument("--unrelated", metavar="FILE", default=None,
+                   help="text that is not the document, one text a line: loss with and "
+                        "without the memory, and the gate on it")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="completion length for --match contains (default 64)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def cmd_eval(args, say) -> int:
+    from .lift import LiftConfig, evaluate, load_memory_file, load_model, load_qa, read_document
+
+    config, adapter = LiftConfig(), None
+    if args.memory:
+        from .lift.adapters import read_metadata
+
+        metadata = read_metadata(args.memory)  # fail on a bad file before loading a model
+        config = LiftConfig.from_dict(json.loads(metadata.get("lift.config", "{}")))
+        adapter = metadata.get("lift.adapter")
+    overrides = {"backend": args.backend, "dtype": args.dtype,
+                 "max_new_tokens": args.max_new_tokens}
+    config = LiftConfig.from_dict({**config.to_dict(),
+                                   **{k: v for k, v in overrides.items() if v is not None}})
+    _require_extras(adapter, config.backend)
+    pairs = load_qa(args.qa)
+    unrelated = read_document(args.unrelated).split("\n") if args.unrelated else None
+    model, tokenizer = load_model(args.model, _device(args) or _default_device(), config.dtype)
+    if args.memory:
+        model, _ = load_memory_file(model, args.memory, config.backend)
+    report = evaluate.evaluate(model, tokenizer, pairs, unrelated, match=args.match,
+                               prompt=args.prompt, max_new_tokens=config.max_new_tokens)
+    out = {"model": args.model, "memory": args.memory, "match": args.match,
+           "prompt": args.prompt, **report.to_dict()}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"recall {report.recall:.3f} ({sum(a['correct'] for a in report.answers)} of "
+          f"{report.num_questions}, {args.match} match)")
+    if report.unrelated_loss_base is not None:
+        print(f"unrelated-text loss {report.unrelated_loss_base:.4f} without the memory, "
+              f"{report.unrelated_loss_memory:.4f} with it (nats/token)")
+    if report.gate_answer is not None:
+        print("mean gate per layer: " + ", ".join(
+            f"layer {i}: answer {a:.3f}" + (f" / unrelated {u:.3f}" if u is not None else "")
+            for i, (a, u) in enumerate(zip(out["gate_answer_per_layer"],
+                                           out["gate_unrelated_per_layer"] or
+                                           [None] * len(report.gate_answer)))))
     return 0
 
 
@@ -296,8 +390,11 @@ def _json_error(args, name: str, message: str) -> None:
     if target is True:
         print(report)
     elif isinstance(target, str):
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(report + "\n")
+        try:
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(report + "\n")
+        except OSError:  # an unwritable FILE: the error line on stderr is all there is
+            pass
 
 
 def main(argv=None) -> int:
@@ -308,7 +405,8 @@ def main(argv=None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     say = _Say(args.command)
-    commands = {"absorb": cmd_absorb, "ask": cmd_ask, "bench": cmd_bench, "demo": cmd_demo}
+    commands = {"absorb": cmd_absorb, "ask": cmd_ask, "bench": cmd_bench, "demo": cmd_demo,
+                "eval": cmd_eval}
     try:
         return commands[args.command](args, say)
     except KeyboardInterrupt:

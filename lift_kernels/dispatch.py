@@ -13,7 +13,8 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
 # Backends that are plain autograd graphs of PyTorch ops, called directly.
 AUTOGRAD_BACKENDS = ("reference", "torch")
 # Fused backends: a module with unsupported_reason(name, problem), forward(...) and
-# backward(...) (contract in function.py), reached through its custom op.
+# backward(...) (contract in function.py), reached through its custom op.  A module that
+# sets SUPPORTS_VARLEN = True also takes packed sequences and memory slots.
 FUSED_MODULES = {
     "triton": "lift_kernels.ops.triton_attention",
     "cuda": "lift_kernels.ops.cext",
@@ -47,13 +48,25 @@ class Problem:
     # already bounds the right side, so a causal call has right = -1 here).
     window_size: tuple = (-1, -1)
     softcap: float = 0.0  # 0: off
+    # Packed variable-length input (cu_seqlens_q/k given): `batch` is the number of
+    # sequences S, `nq`/`nk` are max_seqlen_q/k and these the packed row counts; else None.
+    total_q: int | None = None
+    total_k: int | None = None
+    # Memory slots K of weights with a leading slot dimension (memory_index given), else None.
+    num_slots: int | None = None
 
     @property
     def windowed(self) -> bool:
         return self.window_size != (-1, -1)
 
     @property
+    def varlen(self) -> bool:
+        return self.total_q is not None
+
+    @property
     def empty(self) -> bool:
+        if self.varlen:
+            return 0 in (self.batch, self.total_q, self.total_k, self.hq)
         return 0 in (self.batch, self.nq, self.nk, self.hq)
 
 
@@ -108,11 +121,13 @@ def normalize_window(window_size, causal: bool, nq: int, nk: int) -> tuple:
 
 def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_scale,
              gate_scale, gate_shift, return_gate, backend, deterministic,
-             window_size=(-1, -1), softcap=0.0) -> Problem:
+             window_size=(-1, -1), softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+             max_seqlen_q=None, max_seqlen_k=None, memory_index=None) -> Problem:
     """Checks every argument of gated_memory_attention; raises TypeError/ValueError naming
     the argument with the expected and the actual value.  Returns the Problem."""
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _need_tensor(name, t, 4)
+        _need_tensor(name, t, 3 if packed else 4)
     if q.dtype not in ORACLE_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 (float64 for the reference and "
                         f"torch backends), got {q.dtype}")
@@ -121,25 +136,37 @@ def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_s
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    batch, nq, hq, d = q.shape
-    if k.shape[0] != batch or k.shape[3] != d:
-        raise ValueError(f"k must have shape (B={batch}, Nk, Hkv, D={d}), got {_describe(k)}")
+    if packed:
+        (nq, hq, d), (nk, hkv) = q.shape, k.shape[:2]
+        if k.shape[2] != d:
+            raise ValueError(f"k must have shape (total_k, Hkv, D={d}), got {_describe(k)}")
+        batch = None
+    else:
+        batch, nq, hq, d = q.shape
+        if k.shape[0] != batch or k.shape[3] != d:
+            raise ValueError(f"k must have shape (B={batch}, Nk, Hkv, D={d}), got {_describe(k)}")
+        nk, hkv = k.shape[1], k.shape[2]
     _need_shape("v", v, k.shape)
-    nk, hkv = k.shape[1], k.shape[2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"q's head count Hq={hq} must be a multiple of k's head count Hkv={hkv}")
 
+    # With memory_index every weight carries a leading slot dimension K.
+    slots = () if memory_index is None else (_slot_count(w1),)
     for name, t, rank in (("w1", w1, 3), ("w2", w2, 3), ("g1", g1, 3), ("g2", g2, 2)):
-        _need_tensor(name, t, rank)
-    mem_hidden, gate_hidden = w1.shape[2], g1.shape[2]
-    _need_shape("w1", w1, (hq, d, mem_hidden))
-    _need_shape("w2", w2, (hq, mem_hidden, d))
-    _need_shape("g1", g1, (hq, d, gate_hidden))
-    _need_shape("g2", g2, (hq, gate_hidden))
-    optional = {"b1": (b1, (hq, mem_hidden)), "b2": (b2, (hq, d)), "c1": (c1, (hq, gate_hidden))}
+        if isinstance(t, torch.Tensor) and t.dim() == rank + 1 and memory_index is None:
+            raise ValueError(f"{name} has a leading slot dimension ({_describe(t)}): pass "
+                             f"memory_index to say which slot each sequence uses")
+        _need_tensor(name, t, rank + len(slots))
+    mem_hidden, gate_hidden = w1.shape[-1], g1.shape[-1]
+    _need_shape("w1", w1, (*slots, hq, d, mem_hidden))
+    _need_shape("w2", w2, (*slots, hq, mem_hidden, d))
+    _need_shape("g1", g1, (*slots, hq, d, gate_hidden))
+    _need_shape("g2", g2, (*slots, hq, gate_hidden))
+    optional = {"b1": (b1, (*slots, hq, mem_hidden)), "b2": (b2, (*slots, hq, d)),
+                "c1": (c1, (*slots, hq, gate_hidden))}
     for name, (t, shape) in optional.items():
         if t is not None:
-            _need_tensor(name, t, 2)
+            _need_tensor(name, t, len(shape))
             _need_shape(name, t, shape)
     weights = {"w1": w1, "w2": w2, "g1": g1, "g2": g2}
     weights.update({n: t for n, (t, _) in optional.items() if t is not None})
@@ -155,6 +182,16 @@ def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_s
         raise TypeError(f"the seven weights must share one dtype, got "
                         f"{ {n: str(t.dtype) for n, t in weights.items()} }")
 
+    varlen = {}
+    if packed:
+        varlen = _validate_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        batch = varlen["batch"]
+    elif max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ValueError("max_seqlen_q/max_seqlen_k need cu_seqlens_q and cu_seqlens_k (packed "
+                         "input)")
+    if memory_index is not None:
+        _validate_memory_index(memory_index, q, batch, slots[0], packed)
+
     if (cos is None) != (sin is None):
         raise ValueError(f"cos and sin must be given together, got cos={_describe(cos)} "
                          f"and sin={_describe(sin)}")
@@ -166,6 +203,11 @@ def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_s
                 raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
             if t.device != q.device:
                 raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+            if packed:
+                if tuple(t.shape) != (nq, d):
+                    raise ValueError(f"{name} must have shape (total_q={nq}, D={d}) for packed "
+                                     f"input, got {_describe(t)}")
+                continue
             ok = (t.dim() == 2 and tuple(t.shape) == (nq, d)) or (
                 t.dim() == 3 and t.shape[0] in (1, batch) and tuple(t.shape[1:]) == (nq, d))
             if not ok:
@@ -181,6 +223,8 @@ def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_s
         _need_number("softmax_scale", softmax_scale, positive=True)
     _need_number("gate_scale", gate_scale)
     _need_number("gate_shift", gate_shift)
+    if packed:  # from here on nq, nk are the longest sequences
+        nq, nk = max_seqlen_q, max_seqlen_k
     window = normalize_window(window_size, causal, nq, nk)
     _need_number("softcap", softcap)
     if softcap < 0:
@@ -190,16 +234,104 @@ def validate(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *, causal, softmax_s
 
     return Problem(batch, nq, nk, hq, hkv, d, mem_hidden, gate_hidden, q.dtype,
                    weight_dtypes.pop(), q.device, b1 is not None, b2 is not None,
-                   c1 is not None, cos is not None, causal, window, float(softcap))
+                   c1 is not None, cos is not None, causal, window, float(softcap),
+                   total_q=varlen.get("total_q"), total_k=varlen.get("total_k"),
+                   num_slots=slots[0] if slots else None)
 
 
-def normalize_rope(cos, sin, batch):
-    """cos/sin as [B, Nq, D] float32 views (a broadcast batch has stride 0), or None."""
+# ------------------------------------------------ packed sequences and memory slots (issue 15)
+
+def _slot_count(w1) -> int:
+    """K, the leading slot dimension every weight carries when memory_index is given."""
+    _need_tensor("w1", w1, 4)
+    if w1.shape[0] == 0:
+        raise ValueError(f"w1 must have at least one memory slot, got {_describe(w1)}")
+    return w1.shape[0]
+
+
+def _host_values(t) -> list:
+    """The values of a small index tensor, for the checks that need them.  Skipped (None)
+    under torch.compile, where reading them would break the graph: there a bad index fails
+    in the backend's own indexing instead."""
+    if torch.compiler.is_compiling():
+        return None
+    return t.tolist()
+
+
+def _validate_packed(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> dict:
+    """cu_seqlens_q/k, max_seqlen_q/k of packed input (FlashAttention's varlen convention).
+    Returns {"batch": S, "total_q", "total_k"}."""
+    totals = {"q": q.shape[0], "k": k.shape[0]}
+    given = {"q": cu_seqlens_q, "k": cu_seqlens_k}
+    for side, cu in given.items():
+        name = f"cu_seqlens_{side}"
+        if cu is None:
+            other = "k" if side == "q" else "q"
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must be given together, got "
+                             f"cu_seqlens_{other}={_describe(given[other])} and {name}=None")
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32 (FlashAttention's convention), got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] == 0:
+            raise ValueError(f"{name} must have shape (S + 1,), got {_describe(cu)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one shape (S + 1,), got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    longest = {}
+    for side, cu in given.items():
+        name = f"cu_seqlens_{side}"
+        limit = max_seqlen_q if side == "q" else max_seqlen_k
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise TypeError(f"max_seqlen_{side} must be a non-negative int with {name}, got "
+                            f"{limit!r}")
+        values = _host_values(cu)
+        if values is None:
+            continue
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        if values[0] != 0 or any(n < 0 for n in lengths):
+            raise ValueError(f"{name} must start at 0 and never decrease, got {values}")
+        if values[-1] != totals[side]:
+            raise ValueError(f"{name} must end at total_{side}={totals[side]} ({side}'s first "
+                             f"dimension), got {values[-1]}")
+        longest[side] = max(lengths, default=0)
+        if limit < longest[side]:
+            raise ValueError(f"max_seqlen_{side}={limit} is shorter than the longest sequence in "
+                             f"{name} ({longest[side]})")
+    return {"batch": cu_seqlens_q.shape[0] - 1, "total_q": totals["q"], "total_k": totals["k"]}
+
+
+def _validate_memory_index(memory_index, q, batch, num_slots, packed):
+    """memory_index: one slot in [0, K) per sequence (packed) or per batch element."""
+    what = "(S,) for packed input, one slot per sequence" if packed else "(B,)"
+    if not isinstance(memory_index, torch.Tensor):
+        raise TypeError(f"memory_index must be a torch.Tensor, got {type(memory_index).__name__}")
+    if memory_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"memory_index must be int32 or int64, got {memory_index.dtype}")
+    if tuple(memory_index.shape) != (batch,):
+        raise ValueError(f"memory_index must have shape {what} = ({batch},), got "
+                         f"{_describe(memory_index)}")
+    if memory_index.device != q.device:
+        raise ValueError(f"memory_index must be on q's device {q.device}, got "
+                         f"{memory_index.device}")
+    values = _host_values(memory_index)
+    if values is not None and any(not 0 <= i < num_slots for i in values):
+        raise ValueError(f"memory_index must hold slots in [0, K={num_slots}) (K is the weights' "
+                         f"leading dimension), got {values}")
+
+
+def normalize_rope(cos, sin, batch, packed=False):
+    """cos/sin as [B, Nq, D] float32 views (a broadcast batch has stride 0), or None.
+    Packed input keeps its [total_q, D] (float32)."""
     if cos is None:
         return None, None
 
     def norm(t):
         t = t.float()
+        if packed:
+            return t
         if t.dim() == 2:
             t = t.unsqueeze(0)
         return t.expand(batch, *t.shape[1:])
@@ -216,7 +348,19 @@ def unsupported_reason(name: str, problem: Problem) -> str | None:
     module = FUSED_BACKENDS[name]
     if isinstance(module, str):
         return module
+    if (problem.varlen or problem.num_slots is not None) and not getattr(
+            module, "SUPPORTS_VARLEN", False):
+        return (f"the {name} backend does not take packed sequences (cu_seqlens_q/k) or memory "
+                f"slots (memory_index) yet; the reference and torch backends do")
     return module.unsupported_reason(name, problem)
+
+
+def takes_varlen(backend: str) -> bool:
+    """Whether `backend` takes packed sequences and memory slots at all ("auto" does: it
+    falls back to a backend that does), so a caller can choose another layout instead."""
+    if backend == "auto" or backend in AUTOGRAD_BACKENDS:
+        return True
+    return getattr(FUSED_BACKENDS.get(backend), "SUPPORTS_VARLEN", False)
 
 
 # Below this many query rows `auto` prefers `torch` on CPU.  Measured on 2 cores

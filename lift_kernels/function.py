@@ -18,6 +18,13 @@ Fused backend contract (modules named in dispatch.FUSED_MODULES):
     A call with a sliding window or soft-capping (issue 16) adds the keywords
     window_size=(left, right) and softcap=float to both; a backend whose unsupported_reason
     declines them never sees them.
+
+Packed sequences and memory slots (issue 15) reach only a module with SUPPORTS_VARLEN = True
+(dispatch declines them for the others); it gets the keywords cu_seqlens_q, cu_seqlens_k
+(int32 [S+1]), max_seqlen_q, max_seqlen_k (int) and memory_index (int [S] or [B]) in both
+calls, given only when one of them is set.  Packed: q [total_q, Hq, D], k, v [total_k, Hkv,
+D], cos/sin [total_q, D] float32; out and attn like q, gate [total_q, Hq], lse [Hq, total_q].
+With memory_index the seven weights are [K, Hq, ...] and so are their gradients.
 """
 
 from __future__ import annotations
@@ -28,13 +35,27 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .ops.reference import gated_memory_attention_reference
-from .ops.torch_composite import gated_memory_attention_torch
+from .ops.reference import gated_memory_attention_reference, gated_memory_attention_reference_varlen
+from .ops.torch_composite import gated_memory_attention_torch, gated_memory_attention_torch_varlen
 
 _AUTOGRAD_IMPLS = {
     "reference": gated_memory_attention_reference,
     "torch": gated_memory_attention_torch,
 }
+# The same backends for packed sequences and/or memory slots.
+_AUTOGRAD_VARLEN_IMPLS = {
+    "reference": gated_memory_attention_reference_varlen,
+    "torch": gated_memory_attention_torch_varlen,
+}
+
+
+def _varlen_kwargs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, memory_index):
+    """The packed/slot keywords a fused backend receives: none when none is set, so that
+    the modules without SUPPORTS_VARLEN keep their plain signature."""
+    kw = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
+          "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,
+          "memory_index": memory_index}
+    return kw if any(x is not None for x in kw.values()) else {}
 
 
 @torch.library.custom_op("lift_kernels::fused_forward", mutates_args=())
@@ -44,10 +65,14 @@ def _fused_forward(
     cos: Optional[Tensor], sin: Optional[Tensor], causal: bool, scale: float,
     gate_scale: float, gate_shift: float, backend: str, deterministic: bool,
     window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+    cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+    memory_index: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(dispatch.fused_backend(backend).forward(
         backend, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
-        gate_scale, gate_shift, **_extras(window_left, window_right, softcap)))
+        gate_scale, gate_shift, **_extras(window_left, window_right, softcap),
+        **_varlen_kwargs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, memory_index)))
 
 
 def _extras(window_left, window_right, softcap) -> dict:
@@ -62,7 +87,12 @@ def _extras(window_left, window_right, softcap) -> dict:
 
 @_fused_forward.register_fake
 def _(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale, gate_shift,
-      backend, deterministic, window_left=-1, window_right=-1, softcap=0.0):
+      backend, deterministic, window_left=-1, window_right=-1, softcap=0.0, cu_seqlens_q=None,
+      cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, memory_index=None):
+    if q.dim() == 3:  # packed: gate [total_q, Hq], lse [Hq, total_q]
+        total_q, hq, _ = q.shape
+        return (torch.empty_like(q), q.new_empty((total_q, hq), dtype=torch.float32),
+                q.new_empty((hq, total_q), dtype=torch.float32), torch.empty_like(q))
     b, nq, hq, _ = q.shape
     return (torch.empty_like(q), q.new_empty((b, nq, hq), dtype=torch.float32),
             q.new_empty((b, hq, nq), dtype=torch.float32), torch.empty_like(q))
@@ -75,12 +105,15 @@ def _fused_backward(
     g2: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], gate: Tensor, lse: Tensor,
     attn: Tensor, causal: bool, scale: float, gate_scale: float, gate_shift: float,
     backend: str, deterministic: bool, window_left: int = -1, window_right: int = -1,
-    softcap: float = 0.0,
+    softcap: float = 0.0, cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None, memory_index: Optional[Tensor] = None,
 ) -> list[Tensor]:
     grads = dispatch.fused_backend(backend).backward(
         backend, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn,
         causal, scale, gate_scale, gate_shift, deterministic,
-        **_extras(window_left, window_right, softcap))
+        **_extras(window_left, window_right, softcap),
+        **_varlen_kwargs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, memory_index))
     # A custom op returns tensors only: an absent bias gets an empty placeholder.
     return [g if g is not None else q.new_empty(0) for g in grads]
 
@@ -88,7 +121,8 @@ def _fused_backward(
 @_fused_backward.register_fake
 def _(dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn, causal,
       scale, gate_scale, gate_shift, backend, deterministic, window_left=-1, window_right=-1,
-      softcap=0.0):
+      softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+      memory_index=None):
     inputs = (q, k, v, w1, b1, w2, b2, g1, c1, g2)
     return [torch.empty_like(t) if t is not None else q.new_empty(0) for t in inputs]
 
@@ -97,23 +131,29 @@ _DIFFERENTIABLE = ("q", "k", "v", "w1", "b1", "w2", "b2", "g1", "c1", "g2")
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *config) = inputs
+    (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, *config, cu_seqlens_q, cu_seqlens_k,
+     max_seqlen_q, max_seqlen_k, memory_index) = inputs
     _, gate, lse, attn = output
-    ctx.save_for_backward(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn)
+    ctx.save_for_backward(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn,
+                          cu_seqlens_q, cu_seqlens_k, memory_index)
     # causal, scale, gate_scale, gate_shift, backend, deterministic, and the window/softcap
     ctx.config = tuple(config)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.mark_non_differentiable(lse, attn)
 
 
 def _backward(ctx, dout, dgate, _dlse, _dattn):
-    q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn = ctx.saved_tensors
+    (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn, cu_seqlens_q,
+     cu_seqlens_k, memory_index) = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(q)
     grads = _fused_backward(dout.contiguous(), dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2,
-                            cos, sin, gate, lse, attn, *ctx.config)
+                            cos, sin, gate, lse, attn, *ctx.config, cu_seqlens_q, cu_seqlens_k,
+                            *ctx.max_seqlens, memory_index)
     present = (q, k, v, w1, b1, w2, b2, g1, c1, g2)
     grads = [g if t is not None else None for g, t in zip(grads, present)]
-    return (*grads, *[None] * (2 + len(ctx.config)))
+    # None for cos, sin, the settings and the five packed/slot arguments.
+    return (*grads, *[None] * (2 + len(ctx.config) + 5))
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -122,7 +162,8 @@ _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 def gated_memory_attention(
     q, k, v, w1, b1, w2, b2, g1, c1, g2, *, cos=None, sin=None, causal=True,
     softmax_scale=None, gate_scale=3.0, gate_shift=1.0, return_gate=False, backend="auto",
-    deterministic=False, window_size=(-1, -1), softcap=0.0,
+    deterministic=False, window_size=(-1, -1), softcap=0.0, cu_seqlens_q=None,
+    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, memory_index=None,
 ):
     """Gated-memory attention (SPEC section 1): ``(1 - g) * attn + g * mem`` per head.
 
@@ -144,26 +185,45 @@ def gated_memory_attention(
             causal=True the right side is 0 whatever is given.  (-1, -1): no window.
         softcap: > 0 replaces the scaled scores s by softcap * tanh(s / softcap) (Gemma 2);
             0 turns it off.
+        cu_seqlens_q, cu_seqlens_k: int32 [S+1] (FlashAttention's varlen convention): packed
+            sequences.  Then q is [total_q, Hq, D], k, v [total_k, Hkv, D] and cos, sin
+            [total_q, D]; sequence s is q[cu_seqlens_q[s]:cu_seqlens_q[s+1]] with keys
+            k[cu_seqlens_k[s]:cu_seqlens_k[s+1]], causal (and windowed) bottom-right within
+            the sequence, no attention across sequences.  Sequences may be empty.
+        max_seqlen_q, max_seqlen_k: ints, at least the longest query / key sequence
+            (required with cu_seqlens_q/k).
+        memory_index: int [S] (packed) or [B]: sequence s reads and trains memory slot
+            memory_index[s]; the seven weights then carry a leading slot dimension K
+            (w1 [K, Hq, D, M], b1 [K, Hq, M], ..., g2 [K, Hq, R]).  Slots may be shared by
+            several sequences or used by none (zero gradient).
 
     Returns:
-        out [B, Nq, Hq, D] in q's dtype, or (out, gate) with return_gate=True (the gate is
-        float32; float64 for float64 inputs, the test oracle).
+        out like q (q's dtype), or (out, gate) with return_gate=True: the gate [B, Nq, Hq]
+        ([total_q, Hq] packed), float32 (float64 for float64 inputs, the test oracle).
     """
     problem = dispatch.validate(
         q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal=causal,
         softmax_scale=softmax_scale, gate_scale=gate_scale, gate_shift=gate_shift,
         return_gate=return_gate, backend=backend, deterministic=deterministic,
-        window_size=window_size, softcap=softcap)
+        window_size=window_size, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        memory_index=memory_index)
     name = dispatch.choose_backend(backend, problem)
-    cos, sin = dispatch.normalize_rope(cos, sin, problem.batch)
+    cos, sin = dispatch.normalize_rope(cos, sin, problem.batch, packed=problem.varlen)
     scale = float(softmax_scale) if softmax_scale is not None else problem.head_dim ** -0.5
+    varlen = _varlen_kwargs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            memory_index)
     if name in _AUTOGRAD_IMPLS:
-        out, gate = _AUTOGRAD_IMPLS[name](
+        impl = _AUTOGRAD_VARLEN_IMPLS[name] if varlen else _AUTOGRAD_IMPLS[name]
+        if name == "reference":  # the definition loops over the sequences: no grid size
+            varlen = {n: x for n, x in varlen.items() if not n.startswith("max_seqlen")}
+        out, gate = impl(
             q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal=causal, softmax_scale=scale,
             gate_scale=float(gate_scale), gate_shift=float(gate_shift),
-            window_size=problem.window_size, softcap=problem.softcap)
+            window_size=problem.window_size, softcap=problem.softcap, **varlen)
     else:
         out, gate, _, _ = _fused_forward(
             q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, float(gate_scale),
-            float(gate_shift), name, deterministic, *problem.window_size, problem.softcap)
+            float(gate_shift), name, deterministic, *problem.window_size, problem.softcap,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, memory_index)
     return (out, gate) if return_gate else out

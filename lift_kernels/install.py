@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
+import re
 import warnings
 from pathlib import Path
 
@@ -73,15 +74,30 @@ def _version_of(distribution: str) -> str | None:
 _warned_transformers = False
 
 
+def _release(version: str) -> tuple:
+    """The leading numbers of a version string: "5.24.0.dev0" -> (5, 24, 0)."""
+    return tuple(int(x) for x in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
+
+
+def in_range(version: str, spec: str) -> bool:
+    """Whether `version` satisfies `spec`, comma-separated ">=A" and "<B" bounds (the only
+    forms TRANSFORMERS_RANGE uses; `packaging` is not a dependency of the GPU check)."""
+    checks = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b}
+    release = _release(version)
+    for bound in spec.split(","):
+        op, number = re.match(r"\s*(>=|<)\s*(\d+(?:\.\d+)*)\s*$", bound).groups()
+        width = max(len(release), number.count(".") + 1)
+        pad = lambda t: t + (0,) * (width - len(t))  # noqa: E731  (5.0 == 5.0.0)
+        if not checks[op](pad(release), pad(_release(number))):
+            return False
+    return True
+
+
 def check_transformers_version() -> None:
     """Warn once per process when the installed transformers is outside TRANSFORMERS_RANGE."""
     global _warned_transformers
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
     found = _version_of("transformers")
-    if _warned_transformers or found is None or Version(found) in SpecifierSet(
-            TRANSFORMERS_RANGE, prereleases=True):
+    if _warned_transformers or found is None or in_range(found, TRANSFORMERS_RANGE):
         return
     _warned_transformers = True
     warnings.warn(f"lift-kernels is tested with transformers {TRANSFORMERS_RANGE}; found "

@@ -2,11 +2,11 @@
 book in its context, next to the truncated-context baseline.
 
 Needs: a CUDA GPU (Qwen2.5-0.5B-Instruct: any GPU with >= 8 GB; Llama-3-8B-Instruct: one
-40-80 GB GPU, or several with torchrun, see below), `pip install lift-kernels[hf]`, the
-checkpoint (downloaded from the Hugging Face hub on first use; Llama 3 is gated: accept its
-licence and `huggingface-cli login` first), a UTF-8 text file, and optionally a JSON file of
-{"question", "answer"} pairs (used as auxiliary QA for training when --qa is given, and asked
-afterwards).
+40-80 GB GPU, or several with torchrun, see below), `pip install lift-kernels` (with
+`lift-kernels[lora]` for --adapter lora), the checkpoint (downloaded from the Hugging Face
+hub on first use; Llama 3 is gated: accept its licence and `huggingface-cli login` first), a
+UTF-8 text file, and optionally a JSON file of {"question", "answer"} pairs (used as
+auxiliary QA for training when --qa is given, and asked afterwards).
 
     python python/absorb_book.py --book moby_dick.txt --questions moby_qa.json
     python python/absorb_book.py --model meta-llama/Meta-Llama-3-8B-Instruct \\

@@ -8,7 +8,7 @@ simplifications against `lift-kernels absorb`: one phase over segments + QA inst
 segments first, and the gradient accumulated over a whole epoch through
 gradient_accumulation_steps (Trainer's own loss scaling).
 
-Needs: `pip install lift-kernels[hf] accelerate`, a GPU for a real checkpoint (the default,
+Needs: `pip install lift-kernels accelerate`, a GPU for a real checkpoint (the default,
 Qwen2.5-0.5B-Instruct, downloads from the hub; ~8 GB of GPU memory), a UTF-8 text file.
 Any local checkpoint directory of a supported family (llama, mistral, qwen2, qwen3) works
 as --model, on a CPU too.

@@ -103,7 +103,7 @@ def main() -> None:
         check(result["gate_heatmap"] is None and "lift-kernels[plot]" in demo.stdout,
               "without matplotlib the demo says so and draws no heatmap")
 
-        bench = run("bench", "--quick", "--json", str(tmp / "b.json"), "--plot",
+        bench = run("bench", "--quick", "--n", "256", "--json", str(tmp / "b.json"), "--plot",
                     str(tmp / "b.png"))
         rows = json.loads((tmp / "b.json").read_text())["rows"]
         check(any(r["backend"] == "cpu" and r["status"] == "ok" for r in rows),

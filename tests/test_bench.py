@@ -170,11 +170,11 @@ def test_lift_step_smoke(lift_step, tmp_path, monkeypatch, capsys, restore_threa
 
 
 # What bench/gpu_check.sh runs may import: the GPU machine has python3 with torch, triton,
-# transformers (safetensors comes with it) and nothing promised beyond; matplotlib only
-# inside a try/except ImportError (no plot then).
+# transformers (safetensors and packaging come with it) and nothing promised beyond;
+# matplotlib only inside a try/except ImportError (no plot then).
 GPU_CHECK_FILES = ("bench/*.py", "lift_kernels/*.py", "lift_kernels/ops/*.py",
                    "lift_kernels/hf/*.py")
-ALLOWED = {"torch", "triton", "transformers", "safetensors", "lift_kernels"}
+ALLOWED = {"torch", "triton", "transformers", "safetensors", "packaging", "lift_kernels"}
 GUARDED = {"matplotlib"}
 
 

@@ -179,3 +179,52 @@ def test_demo_model_missing_is_a_clear_model_error(workdir, tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "lift_kernels.demo_model", None)  # import fails
     _error(capsys, _absorb(workdir, tmp_path, model="demo"), "model",
            "embedded demo model (lift_kernels.demo_model.load_demo_model) is not available")
+
+
+def test_recipe_then_config_file_then_options(workdir, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from lift_kernels.lift import RECIPES
+
+    (tmp_path / "over.json").write_text(json.dumps({
+        "select_line_nats": None, "select_token_nats": 1.0, "lr": 0.2,
+        "memory": {"gate_shift": 0.5}, "plain_lines": 2, "kl_weight": 0.5, "kl_texts": 2,
+        "kl_tokens": 8}))
+    rc = main(["absorb", "--model", str(workdir / "model"), "--document",
+               str(workdir / "doc.txt"), "--out", str(tmp_path / "m.safetensors"), "--json",
+               "--recipe", "demo", "--config", str(tmp_path / "over.json"), "--epochs", "2",
+               "--backend", "torch"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        recorded = json.loads(f.metadata()["lift.config"])
+    assert recorded == report["recipe"] and report["recipe_name"] == "demo"
+    assert recorded["sample_unit"] == "line"                      # the preset
+    assert recorded["lr"] == 0.2 and recorded["select_line_nats"] is None  # the file
+    assert recorded["memory"]["gate_shift"] == 0.5                 # the file, inside memory
+    assert recorded["memory"]["mem_hidden"] == RECIPES["demo"]["memory"]["mem_hidden"]
+    assert recorded["segment_epochs"] == 2 and report["steps"] == 2  # the command line
+    assert report["num_anchors"] == 2 and 0 < report["labelled_tokens"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["absorb", "--model", str(workdir / "model"), "--document",
+              str(workdir / "doc.txt"), "--out", str(tmp_path / "x"), "--recipe", "nope"])
+    assert exit_.value.code == EXIT_CODES["usage"]
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_eval_reports_recall_loss_and_gates(workdir, tmp_path, capsys):
+    (tmp_path / "unrelated.txt").write_text("the king and the queen .\n\nwhat is blue ?\n")
+    args = ["eval", "--model", str(workdir / "model"), "--qa", str(workdir / "qa.json"),
+            "--unrelated", str(tmp_path / "unrelated.txt"), "--match", "contains",
+            "--max-new-tokens", "4", "--backend", "torch"]
+    assert main([*args, "--memory", str(workdir / "memory.safetensors"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_questions"] == 1 and 0.0 <= report["recall"] <= 1.0
+    assert report["answers"][0]["question"] == "what is red ?"
+    assert report["unrelated_loss_base"] != report["unrelated_loss_memory"]
+    assert len(report["gate_answer"]) == 2 and len(report["gate_answer"][0]) == 4
+    assert len(report["gate_unrelated_per_layer"]) == 2
+    assert main(args) == 0  # no memory: the base alone, no gates
+    text = capsys.readouterr().out
+    assert "recall" in text and "mean gate" not in text
+    _error(capsys, main([*args[:3], "--qa", str(tmp_path / "unrelated.txt")]), "qa", "QA")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import warnings
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_pyproject_declares_the_tested_transformers_range_and_the_extras():
     deps = {d.split(">")[0].split("<")[0].split("=")[0].strip(): d for d in
             _pyproject()["dependencies"]}
     assert deps["transformers"] == "transformers" + install.TRANSFORMERS_RANGE
-    for needed in ("torch", "tokenizers", "safetensors", "packaging", "tqdm"):
+    for needed in ("torch", "tokenizers", "safetensors", "tqdm"):
         assert needed in deps, needed
     extras = _pyproject()["optional-dependencies"]
     for extra, module in install.EXTRAS.items():
@@ -103,6 +104,13 @@ def test_missing_extra_reaches_the_python_api(monkeypatch):
         install.has_extra("plots")
 
 
+@pytest.mark.parametrize("version,inside", [
+    ("5.0.0", True), ("5.0", True), ("5.24.0", True), ("5.24.9.post1", True),
+    ("4.57.1", False), ("5.25.0", False), ("5.25.0.dev0", False), ("6.0", False)])
+def test_version_range(version, inside):
+    assert install.in_range(version, ">=5.0,<5.25") is inside
+
+
 def test_transformers_outside_the_tested_range_warns_once(monkeypatch):
     monkeypatch.setattr(install, "_warned_transformers", False)
     monkeypatch.setattr(install, "_version_of", lambda name: "5.0.0")
@@ -146,3 +154,21 @@ def test_source_tree_without_the_extension_says_how_to_build(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "lift_kernels._C is not built" in done.stderr and "make build" in done.stderr
     assert "make build" in done.stdout and "compiled backends: none" in done.stdout
+
+
+def test_sdist_holds_what_a_build_needs(tmp_path):
+    """`python -m build` builds the wheel from the sdist: every tracked source the build
+    reads must be in it, and no build output."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: no list of tracked files to compare with")
+    done = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation",
+                           "--outdir", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (sdist,) = tmp_path.glob("lift_kernels-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    tracked = subprocess.run(["git", "ls-files", "csrc", "lift_kernels"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    needed = {"CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", *tracked}
+    assert not needed - names, sorted(needed - names)
+    assert not [n for n in names if n.endswith((".so", ".pyc"))]

@@ -1,6 +1,5 @@
 """The GPU launch path of the `triton` backend, run on the CPU under the interpreter: the
-autotuners with every GPU configuration (pruned per head dim as on the GPU), their hooks,
-the grids and the deterministic mode's first configuration, with absent (None) biases as in
+autotuners with every GPU configuration (pruned per head dim as on the GPU), the grids and the deterministic mode's first configuration, with absent (None) biases as in
 LIFT's default.  The timing is replaced by a stand-in that runs each configuration once and
 keeps its outputs, so every configuration is checked, not only the winner.
 
@@ -24,7 +23,7 @@ if torch.cuda.is_available() or not triton_common.INTERPRETED:
 BASE = Case(batch=1, nq=70, nk=70, hq=4, hkv=2, head_dim=32)
 # Outputs each kernel writes (or accumulates into), by argument name.
 OUTPUTS = {"fwd": ("OUT", "ATTN", "GATE", "LSE"), "dkdv": ("DK", "DV"),
-           "dq": ("DQ",) + triton_bwd.GRADIENT_BUFFERS}
+           "dq": ("DQ", "HID", "GACT", "GHID", "GZ")}
 
 
 class EveryConfig:
@@ -45,48 +44,41 @@ class EveryConfig:
 def gpu_tuned(monkeypatch):
     """The backend's kernels autotuned over the GPU configuration lists."""
     benches = {}
-    for kind, module, name, kernel, key, acc in (
-            ("fwd", triton_fwd, "gated_attention_fwd_kernel", triton_fwd.fwd_kernel,
-             triton_fwd.FWD_KEY, ()),
-            ("dkdv", triton_bwd, "dkdv_kernel_tuned", triton_bwd.dkdv_kernel,
-             triton_bwd.DKDV_KEY, ()),
-            ("dq", triton_bwd, "dq_kernel_tuned", triton_bwd.dq_kernel, triton_bwd.DQ_KEY,
-             triton_bwd.GRADIENT_BUFFERS)):
+    for kind, name, kernel, key in (
+            ("fwd", "gated_attention_fwd_kernel", triton_fwd.fwd_kernel, triton_fwd.FWD_KEY),
+            ("dkdv", "dkdv_kernel_tuned", triton_bwd.dkdv_kernel, triton_bwd.DKDV_KEY),
+            ("dq", "dq_kernel_tuned", triton_bwd.dq_kernel, triton_bwd.DQ_KEY)):
         bench = benches[kind] = EveryConfig(kind)
-        tuner = triton_common.autotuned(kernel, triton_common.gpu_configs(kind), key,
-                                        accumulated=acc, do_bench=bench)
+        tuner = triton_common.autotuned(kernel, kind, triton_common.gpu_configs(kind), key,
+                                        do_bench=bench)
         bench.tuner = tuner
         monkeypatch.setattr(triton_attention, name, tuner)
     monkeypatch.setattr(triton_attention, "configs", triton_common.gpu_configs)
     return benches
 
 
-def test_dq_autotuner_hook_skips_absent_biases():
-    """Triton 3.6's reset_to_zero raised AttributeError on a None bias gradient."""
-    buffers = {n: None for n in triton_bwd.GRADIENT_BUFFERS}
-    buffers["DW1"] = torch.ones(3)
-    triton_bwd.dq_kernel_tuned.pre_hook(buffers, reset_only=True)
-    assert (buffers["DW1"] == 0).all()
-
-
-@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.bfloat16, False),
-                                        (torch.bfloat16, True)],
-                         ids=["fp32-no-bias", "bf16-no-bias", "bf16-bias"])
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16-no-bias", "fp32-bias"])
 def test_every_gpu_config_through_the_autotuner(gpu_tuned, dtype, bias):
     """Each configuration's outputs agree with the winner's (the last), and the winner's
-    output and gradients with the float64 reference, so the hooks zeroed the accumulated
-    weight gradients between the timed runs (float32 keeps only the small single-stage
-    tiles, bfloat16 every tile)."""
+    output and gradients with the float64 reference (float32 keeps only the small
+    single-stage tiles, bfloat16 every tile of the head dim's list).  Without biases this
+    failed under Triton 3.6 while the dq kernel's autotuner had reset_to_zero, which
+    called .zero_() on the None bias gradients."""
     case = BASE.but(dtype=dtype, bias=bias)
     check_against_oracle("triton", case, seed=21, device="cpu")
     q = torch.empty(0, dtype=dtype)
+    timed = 0
     for kind, bench in gpu_tuned.items():
-        pruned = triton_common.prune_by_head_dim(triton_common.gpu_configs(kind), {"Q": q},
-                                                 HEAD_DIM=case.head_dim)
-        assert len(bench.runs) == len(pruned) > 1, kind
+        pruned = triton_common.prune_configs(kind, triton_common.gpu_configs(kind), {"Q": q},
+                                             HEAD_DIM=case.head_dim)
+        # When pruning leaves one configuration, Triton 3.9 times nothing, 3.6 times it.
+        assert len(bench.runs) == len(pruned) or len(pruned) == 1 >= len(bench.runs), kind
         for config, run in zip(pruned, bench.runs):
             for name, value in run.items():
                 assert rel_err(value, bench.runs[-1][name]) < TOL[dtype], (kind, config, name)
+        timed += len(bench.runs)
+    assert timed > 1
 
 
 def test_deterministic_mode_with_the_first_gpu_config(gpu_tuned):

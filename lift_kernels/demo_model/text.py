@@ -127,14 +127,15 @@ NEEDLE_KEYS = (
 DOCUMENT_SEED = 2026
 
 
-def needles(seed: int = DOCUMENT_SEED) -> list[tuple[str, str, str]]:
-    """The demo's (city, place, code) facts.  Codes get distinct first digit pairs so that no
-    two needles share the token after "is" (a shared first token would make the second one
-    ambiguous for any model that reads only the recent tokens), and none starts with its
-    city's pretraining prefix (the base model alone must not know any part of it)."""
+def needles(seed: int = DOCUMENT_SEED, keys=NEEDLE_KEYS) -> list[tuple[str, str, str]]:
+    """The (city, place, code) facts of ``keys`` (the demo's by default).  Codes get distinct
+    first digit pairs so that no two needles share the token after "is" (a shared first
+    token would make the second one ambiguous for any model that reads only the recent
+    tokens), and none starts with its city's pretraining prefix (the base model alone must
+    not know any part of it)."""
     rng = random.Random(seed)
     out, firsts = [], set()
-    for city, place in NEEDLE_KEYS:
+    for city, place in keys:
         while True:
             code = random_code(rng)
             if code[:2] not in firsts and code[:2] != CITY_PREFIX[city]:
@@ -144,18 +145,40 @@ def needles(seed: int = DOCUMENT_SEED) -> list[tuple[str, str, str]]:
     return out
 
 
+def _compose(rng: random.Random, facts, filler_sentences: int, forms, span, title: str) -> str:
+    """``filler_sentences`` haystack sentences of ``forms``, the facts inserted once each at
+    random places within the fraction ``span`` (lo, hi) of it, one sentence a line."""
+    sentences = [filler_sentence(rng, forms) for _ in range(filler_sentences)]
+    lo, hi = int(span[0] * filler_sentences), int(span[1] * filler_sentences)
+    slots = sorted(rng.sample(range(lo, hi), len(facts)))
+    for offset, (slot, fact) in enumerate(zip(slots, facts)):
+        sentences.insert(slot + offset, fact_sentence(*fact))
+    return title + " .\n" + "\n".join(sentences) + "\n"
+
+
 def document(seed: int = DOCUMENT_SEED, filler_sentences: int = 820) -> tuple[str, list]:
     """The demo document: ``filler_sentences`` haystack sentences that name no city, with the
     needles buried in its middle fifth, each once.  Returns (text, needles)."""
     rng = random.Random(seed + 1)
     facts = needles(seed)
-    sentences = [filler_sentence(rng, CITY_FREE_FORMS) for _ in range(filler_sentences)]
-    lo, hi = int(0.4 * filler_sentences), int(0.6 * filler_sentences)
-    slots = sorted(rng.sample(range(lo, hi), len(facts)))
-    for offset, (slot, fact) in enumerate(zip(slots, facts)):
-        sentences.insert(slot + offset, fact_sentence(*fact))
-    title = "a travel log of many cities"
-    return title + " .\n" + "\n".join(sentences) + "\n", facts
+    return _compose(rng, facts, filler_sentences, CITY_FREE_FORMS, (0.4, 0.6),
+                    "a travel log of many cities"), facts
+
+
+def other_document(seed: int, num_needles: int = 10,
+                   filler_sentences: int = 820) -> tuple[str, list]:
+    """A different document of the demo's kind, for testing a recipe's generality: other
+    cities and places than the demo's needles (drawn by ``seed``), needles spread over the
+    whole document, and another filler mix (the city-free forms plus one form that names a
+    city, in seeded proportions).  Returns (text, needles)."""
+    rng = random.Random(seed)
+    taken = {city for city, _ in NEEDLE_KEYS}
+    cities = rng.sample([c for c in CITIES if c not in taken], num_needles)
+    keys = [(city, rng.choice(PLACES)) for city in cities]
+    facts = needles(seed, keys)
+    forms = list(CITY_FREE_FORMS) * rng.randint(2, 4) + [rng.choice((1, 3, 4))]
+    return _compose(rng, facts, filler_sentences, forms, (0.02, 0.98),
+                    "a travel log of cities"), facts
 
 
 def pretraining_sequence(rng: random.Random, target_words: int,

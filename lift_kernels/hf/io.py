@@ -9,6 +9,8 @@ string metadata in the safetensors header:
     layers          JSON list of the patched layer indices
     config          JSON of the resolved GatedMemoryConfig (no None left)
     num_heads, head_dim, shapes (JSON {name: shape})
+    num_memories    K memory slots per layer (tensors [K, Hq, ...]); absent in files
+                    written before slots existed, which hold one memory ("1")
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ def _memory_tensors(modules) -> dict:
             for name, p in m.gated_memory.named_parameters()}
 
 
-def save_memory(model, path) -> None:
-    """Writes the memory of every patched layer of `model` to `path` (safetensors)."""
+def save_memory(model, path, slot: int | None = None) -> None:
+    """Writes the memory of every patched layer of `model` to `path` (safetensors).
+
+    slot: with num_memories=K, write only memory slot `slot` as a single-memory file (the
+    layout of a model with one memory, loadable into either); None writes all K slots."""
     from safetensors.torch import save_file
 
     modules = _need_patched(model, "save_memory")
@@ -40,7 +45,14 @@ def save_memory(model, path) -> None:
     if len(configs) != 1:
         raise ValueError(f"save_memory: the patched layers have different configs {configs}")
     first = next(iter(modules.values()))
-    tensors = {n: p.detach().contiguous().cpu() for n, p in _memory_tensors(modules).items()}
+    num_memories = _num_memories(modules)
+    tensors = {n: p.detach() for n, p in _memory_tensors(modules).items()}
+    if slot is not None:
+        _check_slot(slot, num_memories)
+        if num_memories > 1:
+            tensors = {n: t[slot] for n, t in tensors.items()}
+        num_memories = 1
+    tensors = {n: t.contiguous().cpu() for n, t in tensors.items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -50,8 +62,22 @@ def save_memory(model, path) -> None:
         "num_heads": str(first.gated_memory.num_heads),
         "head_dim": str(first.gated_memory.head_dim),
         "shapes": json.dumps({n: list(t.shape) for n, t in tensors.items()}),
+        "num_memories": str(num_memories),
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def _num_memories(modules) -> int:
+    counts = {m.lift_patch.num_memories for m in modules.values()}
+    if len(counts) != 1:
+        raise ValueError(f"the patched layers have different num_memories {sorted(counts)}")
+    return counts.pop()
+
+
+def _check_slot(slot, num_memories):
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < num_memories:
+        raise ValueError(f"slot must be an int in [0, {num_memories}) (the model's "
+                         f"num_memories), got {slot!r}")
 
 
 def _read_header(handle, path) -> dict:
@@ -64,18 +90,21 @@ def _read_header(handle, path) -> dict:
                          f"this lift_kernels reads version {FORMAT_VERSION!r}")
     try:
         return {"model_type": meta["model_type"], "layers": json.loads(meta["layers"]),
-                "config": json.loads(meta["config"])}
-    except (KeyError, json.JSONDecodeError) as err:
+                "config": json.loads(meta["config"]),
+                "num_memories": int(meta.get("num_memories", "1"))}
+    except (KeyError, ValueError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} has a malformed lift-kernels header ({err})") from None
 
 
-def load_memory(model, path, backend: str | None = None):
+def load_memory(model, path, backend: str | None = None, slot: int | None = None):
     """Loads memory written by save_memory into `model` and returns it.
 
-    An unpatched model is first patched with the file's config and layers (backend
-    `backend`, default "auto"); a patched one must match them.  Every tensor name and shape
-    is checked before anything is copied; a mismatch raises ValueError naming it.  Never
-    unpickles anything.  `backend`, if given, also sets the backend of a patched model.
+    An unpatched model is first patched with the file's config, layers and num_memories
+    (backend `backend`, default "auto"); a patched one must match them.  slot: load a
+    single-memory file into memory slot `slot` of a model patched with num_memories=K
+    (the other slots are left alone).  Every tensor name and shape is checked before
+    anything is copied; a mismatch raises ValueError naming it.  Never unpickles anything.
+    `backend`, if given, also sets the backend of a patched model.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -87,11 +116,11 @@ def load_memory(model, path, backend: str | None = None):
     except SafetensorError as err:
         raise ValueError(f"{path} is not a safetensors file ({err})") from None
     with handle:
-        _load(model, handle, path, backend)
+        _load(model, handle, path, backend, slot)
     return model
 
 
-def _load(model, handle, path, backend):
+def _load(model, handle, path, backend, slot):
     """load_memory once the file is open: header checks, patching, then the checked copy."""
     header = _read_header(handle, path)
     model_type = model_type_of(model)
@@ -104,15 +133,23 @@ def _load(model, handle, path, backend):
         raise ValueError(f"{path} has an unknown memory config ({err})") from None
     modules = patched_modules(model)
     patched_before = bool(modules)
+    if slot is not None and not modules:
+        raise ValueError(f"load_memory(slot={slot!r}) loads into a slot of a patched model: "
+                         f"call lift_kernels.replace_attention(model, num_memories=K) first")
     if modules:
         _check_patched(modules, header, path)
+        _check_memories(modules, header, path, slot)
         if backend is not None:
             replace_attention(model, config, backend, layers=header["layers"])
     else:
-        replace_attention(model, config, backend or "auto", layers=header["layers"])
+        replace_attention(model, config, backend or "auto", layers=header["layers"],
+                          num_memories=header["num_memories"])
         modules = patched_modules(model)
+    targets = _memory_tensors(modules)
+    if slot is not None and _num_memories(modules) > 1:
+        targets = {n: p[slot] for n, p in targets.items()}
     try:
-        _copy_checked(handle, _memory_tensors(modules), path)
+        _copy_checked(handle, targets, path)
     except ValueError:
         if not patched_before:
             restore_attention(model)
@@ -129,6 +166,19 @@ def _check_patched(modules, header, path):
         if diff:
             raise ValueError(f"{path}: the memory config differs from layer {i}'s in "
                              f"{{field: (file, model)}} {diff}")
+
+
+def _check_memories(modules, header, path, slot):
+    """The file's num_memories against the model's: all of them, or one into `slot`."""
+    ours, theirs = _num_memories(modules), header["num_memories"]
+    if slot is not None:
+        _check_slot(slot, ours)
+        if theirs != 1:
+            raise ValueError(f"{path} holds {theirs} memories; load_memory(slot=...) takes a "
+                             f"single-memory file (save_memory(model, path, slot=...))")
+    elif theirs != ours:
+        raise ValueError(f"{path} holds {theirs} memories per layer, the model has "
+                         f"num_memories={ours} (load one into a slot with slot=...)")
 
 
 def _copy_checked(handle, params, path):

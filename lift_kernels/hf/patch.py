@@ -3,8 +3,10 @@
 Each patched attention module keeps its class and its own projections; it gains two
 attributes and an instance-level ``forward``:
 
-    module.gated_memory  GatedMemory (the seven trainable tensors of the layer)
-    module.lift_patch    LiftPatch (adapter, backend, config, disabled flag, last gate)
+    module.gated_memory  GatedMemory (the seven trainable tensors of the layer; with
+                         num_memories=K > 1 each carries a leading slot dimension K)
+    module.lift_patch    LiftPatch (adapter, backend, config, disabled flag, last gate,
+                         memory slots and the slot of each batch row)
     module.forward       gated_attention_forward bound to the module
 
 ``restore_attention`` deletes the three, which gives back the class's forward and a state
@@ -19,12 +21,14 @@ import types
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
-from ..dispatch import BACKENDS
+from ..dispatch import BACKENDS, takes_varlen
 from ..function import gated_memory_attention
 from ..install import check_transformers_version
 from ..memory import GatedMemory, GatedMemoryConfig, default_gate_hidden, default_mem_hidden
-from ..ops.reference import apply_rope, compute_dtype, gate_mlp, memory_mlp, visible_mask
+from ..ops.reference import (apply_rope, compute_dtype, gate_mlp, memory_mlp, slot_weights,
+                             visible_mask)
 from .families import adapter_for
 
 
@@ -38,20 +42,21 @@ class LiftPatch:
     config: GatedMemoryConfig  # resolved: no None left
     disabled: bool = False
     last_gate: torch.Tensor | None = None  # [B, N, Hq] float32 of the last forward
+    num_memories: int = 1  # memory slots K of the layer (K = 1: the plain layout)
+    memory_index: torch.Tensor | None = None  # [B] slot of each batch row (memory_slots)
 
 
-def _memory_and_gate(q, memory: GatedMemory):
+def _memory_and_gate(q, memory: GatedMemory, memory_index=None):
     """The memory MLP and the gate of the reference, in float32 (float64 for float64 q).
-    q [B, N, Hq, D] -> mem [B, N, Hq, D], gate [B, N, Hq]."""
+    q [B, N, Hq, D] -> mem [B, N, Hq, D], gate [B, N, Hq].  memory_index [B]: each batch
+    row's memory slot (a memory with slots)."""
     ct = compute_dtype(q.dtype)
-
-    def up(t):
-        return None if t is None else t.to(ct)
-
+    w1, b1, w2, b2, g1, c1, g2 = (None if t is None else t.to(ct) for t in memory.weights())
+    if memory_index is not None:
+        w1, b1, w2, b2, g1, c1, g2 = slot_weights(memory_index, w1, b1, w2, b2, g1, c1, g2)
     qf = q.to(ct)
-    mem = memory_mlp(qf, up(memory.w1), up(memory.b1), up(memory.w2), up(memory.b2))
-    gate = gate_mlp(qf, up(memory.g1), up(memory.c1), up(memory.g2),
-                    memory.gate_scale, memory.gate_shift)
+    mem = memory_mlp(qf, w1, b1, w2, b2)
+    gate = gate_mlp(qf, g1, c1, g2, memory.gate_scale, memory.gate_shift)
     return mem, gate
 
 
@@ -66,7 +71,8 @@ def _attention_function(module):
     return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def _exact_attention(module, patch, q, k, v, cos, sin, attention_mask, dropout, kwargs):
+def _exact_attention(module, patch, q, k, v, cos, sin, attention_mask, dropout, kwargs,
+                     memory_index):
     """Any mask the model built (padding, sliding window, static cache, eager or sdpa format):
     the model's own attention function computes attention with it, exactly as unpatched,
     and the reference memory and gate are blended in.  Slower than the op (the memory MLP
@@ -75,7 +81,7 @@ def _exact_attention(module, patch, q, k, v, cos, sin, attention_mask, dropout, 
         module, apply_rope(q, cos, sin).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         attention_mask, dropout=dropout, scaling=module.scaling,
         **patch.adapter.attention_kwargs(module), **kwargs)
-    mem, gate = _memory_and_gate(q, module.gated_memory)
+    mem, gate = _memory_and_gate(q, module.gated_memory, memory_index)
     g = gate.unsqueeze(-1)
     out = (1 - g) * attn.to(mem.dtype) + g * mem
     return out.to(q.dtype), gate, weights
@@ -102,16 +108,23 @@ def _plain_causal(attention_mask, nq: int, nk: int, window_size) -> bool:
     if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
             or tuple(attention_mask.shape[-2:]) != (nq, nk) or attention_mask.shape[1] != 1):
         return False
-    if attention_mask.dtype == torch.bool:
-        visible = attention_mask
-    elif attention_mask.is_floating_point():
-        visible = attention_mask == 0
-        if not (visible | (attention_mask <= torch.finfo(attention_mask.dtype).min)).all():
-            return False
-    else:
+    visible = _mask_visible(attention_mask)
+    if visible is None:
         return False
     expected = visible_mask(nq, nk, True, window_size, attention_mask.device)
     return bool((visible == expected).all())
+
+
+def _mask_visible(attention_mask):
+    """What a bool mask, or an additive float mask of 0 (visible) and at most the dtype's
+    lowest (masked), lets through, as bool; None for any other mask (biases)."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if attention_mask.is_floating_point():
+        visible = attention_mask == 0
+        if (visible | (attention_mask <= torch.finfo(attention_mask.dtype).min)).all():
+            return visible
+    return None
 
 
 def gated_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
@@ -162,20 +175,133 @@ def gated_attention_forward(self, hidden_states, position_embeddings=None, atten
             k = k[..., perm]
     dropout = self.attention_dropout if self.training else 0.0
     window_size = op_window(adapter, self)
-    # Any other mask (padding, a static cache's empty slots) takes the exact path.
-    if dropout == 0.0 and _plain_causal(attention_mask, n, k.shape[1], window_size):
+    memory_index = _batch_slots(patch, batch)
+    # A padding mask over this call's keys only (no cache, or a prefill) runs the op on the
+    # packed non-padding tokens; any other mask (a static cache's empty slots, ...) takes
+    # the exact path, and so do packed input and memory slots on a backend that takes
+    # neither (an explicit fused one, for now).
+    varlen_ok = takes_varlen(patch.backend)
+    if (dropout == 0.0 and (memory_index is None or varlen_ok)
+            and _plain_causal(attention_mask, n, k.shape[1], window_size)):
         memory = self.gated_memory
         out, gate = gated_memory_attention(
             q, k, v, *memory.weights(), cos=cos, sin=sin, causal=True,
             softmax_scale=self.scaling, gate_scale=memory.gate_scale,
             gate_shift=memory.gate_shift, return_gate=True, backend=patch.backend,
-            window_size=window_size, softcap=adapter.softcap(self) or 0.0)
+            window_size=window_size, softcap=adapter.softcap(self) or 0.0,
+            memory_index=memory_index)
+        weights = None
+    elif (dropout == 0.0 and k.shape[1] == n and not kwargs.get("output_attentions")
+          and varlen_ok and not torch.compiler.is_compiling()
+          and (keep := _kept_tokens(attention_mask, batch, n, window_size)) is not None):
+        out, gate = _packed_attention(self, patch, q, k, v, cos, sin, keep, window_size,
+                                      memory_index)
         weights = None
     else:
         out, gate, weights = _exact_attention(self, patch, q, k, v, cos, sin, attention_mask,
-                                              dropout, kwargs)
+                                              dropout, kwargs, memory_index)
     patch.last_gate = gate.detach()
     return adapter.output(self, out.reshape(batch, n, -1)), weights
+
+
+# ------------------------------------------------ padded batches and memory slots (issue 15)
+
+def _batch_slots(patch: LiftPatch, batch: int):
+    """The memory_index [B] of this forward: None for a single memory; a layer with slots
+    needs lift_kernels.memory_slots to say which slot each batch row uses."""
+    if patch.num_memories == 1:
+        return None
+    if patch.memory_index is None:
+        raise ValueError(f"the model has {patch.num_memories} memory slots per layer: say which "
+                         f"slot each batch row uses with lift_kernels.memory_slots(model, index)")
+    if patch.memory_index.shape[0] != batch:
+        raise ValueError(f"memory_slots gave {patch.memory_index.shape[0]} slots, the batch has "
+                         f"{batch} rows")
+    return patch.memory_index
+
+
+def _kept_tokens(attention_mask, batch: int, n: int, window_size):
+    """keep [B, N] bool (the non-padding tokens) when `attention_mask` [B or 1, 1, N, N] is
+    exactly the layer's causal (windowed) attention among each row's kept tokens, the mask
+    transformers builds from a 2-D padding mask; else None (packed documents, biases, any
+    other mask, a BlockMask).  Rows of padding queries are not compared: transformers may
+    fill them in, and they are dropped."""
+    if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
+            or attention_mask.shape[0] not in (1, batch) or attention_mask.shape[1] != 1
+            or tuple(attention_mask.shape[2:]) != (n, n)):
+        return None
+    visible = _mask_visible(attention_mask)
+    if visible is None:
+        return None
+    visible = visible[:, 0].expand(batch, n, n)
+    keep = visible.diagonal(dim1=-2, dim2=-1)  # a real token sees itself, padding does not
+    expected = visible_mask(n, n, True, window_size, visible.device) & keep[:, None, :]
+    if not bool(((visible == expected) | ~keep[:, :, None]).all()):
+        return None
+    # The op counts a window (left side; the right is causal) in packed positions, the mask
+    # in the row's: they agree when the window cuts nothing or each row's kept tokens are
+    # one run (left or right padding, no holes).
+    runs = keep[:, 0].long() + (keep[:, 1:] & ~keep[:, :-1]).sum(1)
+    if 0 <= window_size[0] < n - 1 and bool((runs > 1).any()):
+        return None
+    return keep
+
+
+def _packed_attention(module, patch, q, k, v, cos, sin, keep, window_size, memory_index):
+    """The op on the packed kept tokens (batch row b is sequence b), scattered back to
+    [B, N, ...] with zero output and gate at padding.  q [B, N, Hq, D], k, v [B, N, Hkv, D],
+    cos, sin [B or 1, N, D] or None; keep [B, N] bool."""
+    batch, n = keep.shape
+    lengths = keep.sum(1)
+    rows = keep.flatten().nonzero().squeeze(1)  # packed row -> position in [B * N]
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(lengths.max())
+
+    def pack(t):  # cos/sin are None in a layer without RoPE
+        if t is None:
+            return None
+        return t.expand(batch, n, *t.shape[2:]).reshape(batch * n, *t.shape[2:])[rows]
+
+    memory = module.gated_memory
+    out, gate = gated_memory_attention(
+        pack(q), pack(k), pack(v), *memory.weights(), cos=pack(cos), sin=pack(sin),
+        causal=True, softmax_scale=module.scaling, gate_scale=memory.gate_scale,
+        gate_shift=memory.gate_shift, return_gate=True, backend=patch.backend,
+        window_size=window_size, softcap=patch.adapter.softcap(module) or 0.0,
+        cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=longest,
+        max_seqlen_k=longest, memory_index=memory_index)
+    out = out.new_zeros(batch * n, *out.shape[1:]).index_copy(0, rows, out)
+    gate = gate.new_zeros(batch * n, gate.shape[1]).index_copy(0, rows, gate)
+    return out.view(batch, n, *out.shape[1:]), gate.view(batch, n, -1)
+
+
+@contextlib.contextmanager
+def memory_slots(model, index):
+    """Within the block, batch row b of every forward (and of generate) reads and trains
+    memory slot index[b] of every patched layer (a model patched with num_memories=K).
+
+    index: int tensor [B] (or a list of ints) with slots in [0, K)."""
+    modules = _need_patched(model, "memory_slots").values()
+    if isinstance(index, (list, tuple)):
+        index = torch.tensor(index, dtype=torch.int64)
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be an int tensor [B] or a list of ints, got "
+                        f"{type(index).__name__}")
+    if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+        raise ValueError(f"index must be an int32/int64 tensor of shape [B], got shape "
+                         f"{tuple(index.shape)}, {index.dtype}")
+    num_memories = min(m.lift_patch.num_memories for m in modules)
+    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < num_memories:
+        raise ValueError(f"index must hold slots in [0, {num_memories}) (the model's "
+                         f"num_memories), got {index.tolist()}")
+    before = [m.lift_patch.memory_index for m in modules]
+    for m in modules:
+        m.lift_patch.memory_index = index.to(m.gated_memory.w1.device)
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, before):
+            m.lift_patch.memory_index = was
 
 
 def attention_modules(model) -> dict:
@@ -214,12 +340,13 @@ def resolve_config(config: GatedMemoryConfig, module, adapter) -> GatedMemoryCon
         gate_scale=float(config.gate_scale), gate_shift=float(config.gate_shift))
 
 
-def _new_memory(module, config: GatedMemoryConfig) -> GatedMemory:
+def _new_memory(module, config: GatedMemoryConfig, num_memories: int) -> GatedMemory:
     # Memory parameters are float32 whatever the model's dtype (the op accepts float32
     # weights with 16-bit activations); an optimizer then updates them in full precision.
     return GatedMemory(module.config.num_attention_heads, module.head_dim, config.mem_hidden,
                        config.gate_hidden, config.bias, config.gate_scale, config.gate_shift,
-                       device=next(module.parameters()).device, dtype=torch.float32)
+                       device=next(module.parameters()).device, dtype=torch.float32,
+                       num_slots=None if num_memories == 1 else num_memories)
 
 
 def _same_shapes(a: GatedMemoryConfig, b: GatedMemoryConfig) -> bool:
@@ -265,7 +392,7 @@ def _set_embeds_hook(model, on: bool):
 
 
 def replace_attention(model, config: GatedMemoryConfig | None = None, backend: str = "auto",
-                      layers=None):
+                      layers=None, num_memories: int | None = None):
     """Give every decoder layer's attention (or those in `layers`) a Gated Memory.
 
     Args:
@@ -276,10 +403,15 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
             (memory biases where the attention projections have biases, e.g. Qwen2).
         backend: the op's backend ("auto", "reference", "torch", "triton", "cuda", "cpu").
         layers: iterable of layer indices to patch; None means all.
+        num_memories: K memory slots per layer (each initialised like one memory); select
+            the slot of each batch row with ``lift_kernels.memory_slots(model, index)``.
+            None: 1 for a new patch, unchanged for a patched layer.  K = 1 is the plain
+            single-memory layout.
 
     Calling it again on a patched model updates the backend and config in place: memory
     weights are kept when their shapes do not change (only gate_scale/gate_shift change),
-    re-initialised when they do; patched layers not in `layers` are restored.
+    re-initialised when they (or num_memories) do; patched layers not in `layers` are
+    restored.
     Returns `model` (patched in place).  Raises ValueError for an unsupported family, with
     nothing patched.
     """
@@ -290,6 +422,9 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
                         f"{type(config).__name__}")
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if num_memories is not None and (isinstance(num_memories, bool) or not isinstance(
+            num_memories, int) or num_memories < 1):
+        raise ValueError(f"num_memories must be a positive int, got {num_memories!r}")
     adapter = adapter_for(model)
     modules = attention_modules(model)
     if layers is None:
@@ -308,15 +443,18 @@ def replace_attention(model, config: GatedMemoryConfig | None = None, backend: s
         resolved = resolve_config(config, module, adapter)
         if hasattr(module, "lift_patch"):
             patch = module.lift_patch
-            if _same_shapes(patch.config, resolved):
+            slots = patch.num_memories if num_memories is None else num_memories
+            if _same_shapes(patch.config, resolved) and slots == patch.num_memories:
                 module.gated_memory.gate_scale = resolved.gate_scale
                 module.gated_memory.gate_shift = resolved.gate_shift
             else:
-                module.gated_memory = _new_memory(module, resolved)
+                module.gated_memory = _new_memory(module, resolved, slots)
             patch.config, patch.backend, patch.adapter = resolved, backend, adapter
+            patch.num_memories = slots
         else:
-            module.gated_memory = _new_memory(module, resolved)
-            module.lift_patch = LiftPatch(adapter, backend, resolved)
+            slots = 1 if num_memories is None else num_memories
+            module.gated_memory = _new_memory(module, resolved, slots)
+            module.lift_patch = LiftPatch(adapter, backend, resolved, num_memories=slots)
             module.forward = types.MethodType(gated_attention_forward, module)
     _set_embeds_hook(model, bool(patched_modules(model)))
     return model

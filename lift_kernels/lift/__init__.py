@@ -12,7 +12,8 @@ Later, on a fresh base: `model, _ = load_memory_file(model, "book.safetensors")`
 
 from .adapters import load as load_memory_file
 from .adapters import model_fingerprint
-from .config import ADAPTERS, LiftConfig
+from . import evaluate
+from .config import ADAPTERS, RECIPES, LiftConfig, recipe
 from .data import Sample, read_document, segment_document, segment_starts
 from .distributed import DistContext, DistributedError, init_distributed
 from .errors import (DocumentError, MemoryFileError, ModelLoadError, QAError,
@@ -23,7 +24,7 @@ from .qa import QAPair, generate_qa, load_qa
 from .trainer import Phase, TrainStats, train
 
 __all__ = [
-    "ADAPTERS", "AbsorbResult", "DistContext", "DistributedError", "DocumentError",
+    "ADAPTERS", "AbsorbResult", "RECIPES", "evaluate", "recipe", "DistContext", "DistributedError", "DocumentError",
     "LiftConfig", "MemoryFileError", "ModelLoadError", "Phase", "QAError", "QAPair", "Sample",
     "TrainStats", "UnsupportedModelError", "absorb", "answer", "generate_qa",
     "greedy_completion", "init_distributed", "load_memory_file", "load_model", "load_qa",

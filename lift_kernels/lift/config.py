@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from ..memory import GatedMemoryConfig
 
 ADAPTERS = ("gated-memory", "lora")
+SAMPLE_UNITS = ("segment", "line")
 RECITE_PROMPT = "Given above context, please recite following segment of the context:"
 
 
@@ -32,6 +33,25 @@ class LiftConfig:
         epoch: 1 accumulates the whole epoch into one step, as the authors did.
         dtype: "auto" = bfloat16 on GPU, float32 on CPU (the base model's compute dtype; the
             trained parameters stay float32).
+    Token selection (Rho-1's selective language modelling; the frozen base's own next-token
+    loss, computed once before training, decides which tokens carry the loss):
+        sample_unit: "segment" (the overlapping segments above) or "line" (every non-blank
+            line of the document on its own, after the tokenizer's BOS: a fact trained
+            without the text around it is recalled from the fact's own words).
+        select_line_nats: with lines, keep a line only when the base's loss on one of its
+            tokens reaches this many nats (None: every line).
+        select_token_nats: the loss only on tokens the base finds at least this surprising
+            (None: every token); a sample left with no such token is dropped.
+        plain_lines, plain_passages, passage_tokens: beside the selected samples, this many
+            evenly spaced lines and passages of passage_tokens (the first at the document's
+            head, the last at its tail) with the loss on every token.
+    Keeping the base intact (a distillation term on text that is not the document):
+        kl_weight: weight of KL(base || patched) per token, averaged over the anchor texts,
+            added to every optimiser step's loss (0: off).  The base's distribution is
+            computed once, with the adapter not yet attached.
+        kl_source: "generated" (kl_texts texts of kl_tokens tokens that the base samples
+            from its BOS before absorbing, seeded) or a UTF-8 text file of ordinary text
+            (cut into kl_texts pieces of kl_tokens tokens).
     Adapter:
         adapter: "gated-memory" (this package's kernels) or "lora" (PEFT).
         backend: the gated-memory attention backend ("auto", "torch", "triton", ...).
@@ -71,6 +91,18 @@ class LiftConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
 
+    sample_unit: str = "segment"
+    select_line_nats: float | None = None
+    select_token_nats: float | None = None
+    plain_lines: int = 0
+    plain_passages: int = 0
+    passage_tokens: int = 128
+
+    kl_weight: float = 0.0
+    kl_source: str = "generated"
+    kl_texts: int = 16
+    kl_tokens: int = 64
+
     adapter: str = "gated-memory"
     backend: str = "auto"
     memory: GatedMemoryConfig = field(default_factory=GatedMemoryConfig)
@@ -86,12 +118,14 @@ class LiftConfig:
 
     def __post_init__(self):
         positive = ("segment_length", "segment_stride", "context_tokens", "qa_window_tokens",
-                    "steps_per_epoch", "lora_rank", "lora_alpha", "max_new_tokens")
+                    "steps_per_epoch", "lora_rank", "lora_alpha", "max_new_tokens",
+                    "passage_tokens", "kl_texts", "kl_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LiftConfig.{name} must be a positive int, got {value!r}")
-        for name in ("num_generated_qa", "segment_epochs", "qa_epochs", "seed"):
+        for name in ("num_generated_qa", "segment_epochs", "qa_epochs", "seed", "plain_lines",
+                     "plain_passages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"LiftConfig.{name} must be an int >= 0, got {value!r}")
@@ -115,6 +149,22 @@ class LiftConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"LiftConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
+        if self.sample_unit not in SAMPLE_UNITS:
+            raise ValueError(f"LiftConfig.sample_unit must be one of {SAMPLE_UNITS}, got "
+                             f"{self.sample_unit!r}")
+        for name in ("select_line_nats", "select_token_nats"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, (int, float)) or not value >= 0):
+                raise ValueError(f"LiftConfig.{name} must be None or a number >= 0, got {value!r}")
+        if self.select_line_nats is not None and self.sample_unit != "line":
+            raise ValueError("LiftConfig.select_line_nats needs sample_unit='line'")
+        if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) \
+                or not self.kl_weight >= 0:
+            raise ValueError(f"LiftConfig.kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        if not isinstance(self.kl_source, str) or not self.kl_source:
+            raise ValueError("LiftConfig.kl_source must be 'generated' or a text file path, got "
+                             f"{self.kl_source!r}")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"LiftConfig.adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -137,3 +187,40 @@ class LiftConfig:
         if unknown:
             raise ValueError(f"unknown LiftConfig fields {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+# Named recipes: LiftConfig fields over the defaults.  A preset is a starting point; any
+# field given beside it (a --config file, command-line options, keyword arguments) wins.
+RECIPES = {
+    # The authors' recipe (LIFT.md): overlapping segments, 3 + 5 epochs, lr 1e-3.
+    "authors": {},
+    # Token-selective line training held to the base by a KL anchor, chosen by measurement
+    # on the embedded demo (bench/RESULTS.md, "LIFT recipes"): the lines the base finds
+    # surprising (a token >= 8 nats), the loss on their surprising tokens (>= 4 nats), and
+    # KL(base || patched) on 8 texts of 48 tokens the base sampled before absorbing, which
+    # replaced the demo's earlier plain-LM lines (unrelated-text loss +0.89 -> +0.05
+    # nats/token); 400 full-batch AdamW steps at lr 3e-2 (at 6e-2 recall fell to 0.08),
+    # memory hidden 64, the gate starting half open (from the authors' 0.047 start recall
+    # was 0.08 after 200 steps).
+    "demo": {
+        "sample_unit": "line", "select_line_nats": 8.0, "select_token_nats": 4.0,
+        "kl_weight": 1.0, "kl_texts": 8, "kl_tokens": 48,
+        "segment_epochs": 400, "qa_epochs": 0, "steps_per_epoch": 1, "lr": 3e-2,
+        "weight_decay": 0.0, "memory": {"mem_hidden": 64, "gate_shift": 0.0},
+    },
+}
+
+
+def recipe(name: str, **overrides) -> LiftConfig:
+    """The named preset (RECIPES) with `overrides` (LiftConfig fields; a "memory" dict
+    updates the preset's memory fields) applied over it."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown LIFT recipe {name!r}; known: {sorted(RECIPES)}")
+    fields_ = dict(RECIPES[name])
+    memory = overrides.pop("memory", None)
+    if isinstance(memory, GatedMemoryConfig):
+        memory = memory.to_dict()
+    if memory is not None:
+        fields_["memory"] = {**fields_.get("memory", {}), **memory}
+    fields_.update(overrides)
+    return LiftConfig.from_dict(fields_)

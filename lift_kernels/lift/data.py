@@ -21,11 +21,15 @@ ELLIPSIS = "\n...\n"
 
 @dataclass
 class Sample:
-    """input_ids [N] and labels [N] (int64; -100 = no loss); kind: 'segment' or 'qa'."""
+    """input_ids [N] and labels [N] (int64; -100 = no loss); kind: 'segment', 'line', 'qa'
+    or 'anchor'.  An anchor sample (text that is not the document) carries no labels but
+    `teacher` [N - 1, V]: the frozen base's next-token log-probabilities at positions
+    0..N-2, which the patched model is held to (LiftConfig.kl_weight)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     kind: str
+    teacher: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -186,6 +190,44 @@ def segment_samples(tokenizer, ids: list[int], config: LiftConfig,
             samples.append(_sample(list(prefix), seg, "segment"))
         else:
             samples.append(_sample(bos, seg, "segment"))
+    return samples
+
+
+def document_lines(document: str, title: str | None = None) -> list[str]:
+    """The non-blank lines of the document (the title first when given)."""
+    text = f"{title}\n\n{document}" if title else document
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def line_samples(tokenizer, document: str, config: LiftConfig) -> list[Sample]:
+    """One language-modelling sample per non-blank line: the tokenizer's BOS (if any), then
+    the line, with the loss on the line."""
+    bos = special_prefix(tokenizer)
+    samples = []
+    for line in document_lines(document, config.title):
+        ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+        if ids:
+            samples.append(_sample(bos, list(ids), "line"))
+    return samples
+
+
+def plain_samples(tokenizer, document: str, ids: list[int], config: LiftConfig) -> list[Sample]:
+    """The unselected part of a token-selective recipe, with the loss on every token:
+    config.plain_lines evenly spaced lines of the document and config.plain_passages evenly
+    spaced passages of config.passage_tokens tokens of `ids` (the first at the head, the
+    last at the tail), each after the tokenizer's BOS."""
+    bos = special_prefix(tokenizer)
+    lines = [line for line in document_lines(document, config.title)
+             if tokenizer(line, add_special_tokens=False)["input_ids"]]
+    count = min(config.plain_lines, len(lines))
+    samples = [_sample(bos, list(tokenizer(lines[j * len(lines) // count],
+                                            add_special_tokens=False)["input_ids"]), "segment")
+               for j in range(count)]
+    length = min(config.passage_tokens, len(ids))
+    room = len(ids) - length
+    for i in range(config.plain_passages):
+        start = i * room // max(config.plain_passages - 1, 1)
+        samples.append(_sample(bos, list(ids[start:start + length]), "segment"))
     return samples
 
 

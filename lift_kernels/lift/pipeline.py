@@ -13,19 +13,22 @@ import torch
 
 from . import adapters
 from .config import LiftConfig
-from .data import document_ids, qa_samples, segment_samples
+from .data import IGNORE, document_ids, line_samples, plain_samples, qa_samples, segment_samples
 from .distributed import (DistContext, broadcast_params, check_same, init_distributed,
                           shard_base_model)
 from .errors import ModelLoadError
 from .inference import greedy_completion, model_device
 from .qa import QAPair, generate_qa, load_qa
+from .selective import anchor_samples, select_samples
 from .trainer import Phase, TrainStats, train
 
 
 @dataclasses.dataclass
 class AbsorbResult:
     """model: the base with its trained adapter (eval mode); params: the trained tensors;
-    fingerprint: the base model's (adapters.model_fingerprint), for saving."""
+    fingerprint: the base model's (adapters.model_fingerprint), for saving; num_segments:
+    the document samples trained on (segments or lines, after token selection, with the
+    plain ones)."""
 
     model: torch.nn.Module
     params: list[torch.Tensor]
@@ -35,6 +38,8 @@ class AbsorbResult:
     document_tokens: int
     num_segments: int
     qa_pairs: list[QAPair] = dataclasses.field(default_factory=list)
+    labelled_tokens: int = 0  # document tokens that carry the loss (after selection)
+    num_anchors: int = 0      # KL anchor texts
 
     @property
     def tokens_per_second(self) -> float:
@@ -113,6 +118,10 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
     if fsdp and isinstance(qa, str) and qa == "generate":
         raise ValueError("qa='generate' cannot be combined with fsdp (the unsharded model "
                          "would have to generate); generate the pairs first and pass them")
+    if fsdp and (config.kl_weight > 0 or config.select_line_nats is not None
+                 or config.select_token_nats is not None):
+        raise ValueError("kl_weight and token selection cannot be combined with fsdp (the "
+                         "unsharded base would have to score the text)")
     if not ctx.distributed:
         ctx = dataclasses.replace(ctx, device=model_device(model))  # train where it is
     elif not fsdp and model_device(model) != ctx.device:
@@ -121,23 +130,36 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
     rng = random.Random(config.seed)
     ids = document_ids(tokenizer, document, config.title)
     pairs = _qa_pairs(qa, model, tokenizer, ids, config, rng, generate)
-    segments = segment_samples(tokenizer, ids, config, rng)
+    if config.sample_unit == "line":
+        segments = line_samples(tokenizer, document, config)
+    else:
+        segments = segment_samples(tokenizer, ids, config, rng)
+    # The base's own judgement, before the adapter exists: which tokens carry the loss, and
+    # its distribution on text that is not the document.
+    segments = select_samples(model, segments, config, ctx.device)
+    if not segments:
+        raise ValueError("token selection left no sample to train on: lower "
+                         "LiftConfig.select_line_nats / select_token_nats")
+    segments += plain_samples(tokenizer, document, ids, config)
+    anchors = anchor_samples(model, tokenizer, config, ctx.device)
     qa_part = qa_samples(tokenizer, ids, pairs, config, rng)
-    _warn_beyond_window(model, segments + qa_part)
+    _warn_beyond_window(model, segments + qa_part + anchors)
     fingerprint = adapters.model_fingerprint(model)
     torch.manual_seed(config.seed)
     model, params = adapters.attach(model, config)
     broadcast_params(params, ctx)
-    check_same(_digest(segments + qa_part, fingerprint, config), "samples and model", ctx)
+    check_same(_digest(segments + qa_part + anchors, fingerprint, config), "samples and model",
+               ctx)
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
     if fsdp:
         shard_base_model(model, params, ctx)
-    phases = [Phase("segments", segments, config.segment_epochs),
-              Phase("segments+qa", segments + qa_part, config.qa_epochs)]
+    phases = [Phase("segments", segments + anchors, config.segment_epochs),
+              Phase("segments+qa", segments + qa_part + anchors, config.qa_epochs)]
     stats = train(model, params, phases, config, ctx, progress)
     return AbsorbResult(model, params, stats, config, fingerprint, len(ids), len(segments),
-                        pairs)
+                        pairs, sum(int((s.labels != IGNORE).sum()) for s in segments),
+                        len(anchors))
 
 
 def _warn_beyond_window(model, samples) -> None:

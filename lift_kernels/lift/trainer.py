@@ -34,7 +34,8 @@ class Phase:
 
 @dataclass
 class TrainStats:
-    """step_losses: the mean sample loss of each optimiser step (over all ranks);
+    """step_losses: each optimiser step's loss (over all ranks): the mean sample loss, plus
+    kl_weight times the mean KL on the anchors when there are any;
     tokens: tokens through forward+backward, all ranks; seconds: the loop's wall time."""
 
     step_losses: list[float] = field(default_factory=list)
@@ -58,19 +59,34 @@ def step_groups(num_samples: int, epoch_seed: str, steps_per_epoch: int) -> list
 
 
 def sample_loss(model, sample: Sample, device) -> torch.Tensor:
-    """Mean next-token cross-entropy over the sample's labelled tokens."""
+    """Mean next-token cross-entropy over the sample's labelled tokens; for an anchor sample,
+    the mean over its positions of KL(base || model) of the next-token distributions."""
     ids = sample.input_ids.to(device)[None]
+    if sample.teacher is not None:
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        teacher = sample.teacher.to(device)
+        return torch.nn.functional.kl_div(logits.log_softmax(-1), teacher, log_target=True,
+                                          reduction="batchmean")
     labels = sample.labels.to(device)[None]
     return model(input_ids=ids, labels=labels, use_cache=False).loss
+
+
+def sample_weights(samples: list[Sample], group: list[int], kl_weight: float) -> list[float]:
+    """Each sample's weight in one optimiser step's loss: the mean over the step's document
+    samples plus kl_weight times the mean over its anchor samples."""
+    anchors = sum(samples[i].teacher is not None for i in group)
+    others = len(group) - anchors
+    return [kl_weight / anchors if samples[i].teacher is not None else 1.0 / others
+            for i in group]
 
 
 def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftConfig,
           ctx: DistContext | None = None, progress: bool = True) -> TrainStats:
     """Train `params` (already the only tensors with requires_grad) over the phases.
 
-    Each optimiser step's gradient is the mean over its samples of each sample's mean token
-    loss gradient; a rank computes its round-robin share, the shares are summed over ranks,
-    then clipped to config.max_grad_norm and applied by one AdamW for all phases."""
+    Each optimiser step's gradient is that of sample_weights' weighted sum of its samples'
+    losses (the mean token loss; KL for anchors); a rank computes its round-robin share, the
+    shares are summed over ranks, then clipped to config.max_grad_norm and applied by one AdamW for all phases."""
     from tqdm.auto import tqdm
 
     ctx = ctx or DistContext()
@@ -99,12 +115,13 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
     for phase, group, shard in plan:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
+        weights = sample_weights(phase.samples, group, config.kl_weight)
         # FSDP pads with passes of weight 0 so that every rank joins every all-gather.
-        work = [(group[j], 1.0) for j in shard.indices] + [(group[0], 0.0)] * shard.padding
+        work = [(group[j], weights[j]) for j in shard.indices] + [(group[0], 0.0)] * shard.padding
         for index, weight in work:
             sample = phase.samples[index]
             loss = sample_loss(model, sample, device)
-            (loss * (weight / len(group))).backward()
+            (loss * weight).backward()
             value = loss.item()
             loss_sum += value * weight
             local_tokens += sample.num_tokens if weight else 0
@@ -117,7 +134,7 @@ def train(model, params: list[torch.Tensor], phases: list[Phase], config: LiftCo
         all_reduce_grads(params, ctx)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-        stats.step_losses.append(all_reduce_sum(loss_sum, ctx) / len(group))
+        stats.step_losses.append(all_reduce_sum(loss_sum, ctx))
         stats.steps += 1
     bar.close()
     model.eval()

@@ -11,6 +11,9 @@ Shapes (SPEC section 1):
     cos, sin: [B, Nq, D], [Nq, D] or None
     window_size: (left, right) key offsets around the diagonal, -1 unbounded (FlashAttention)
     softcap: scores -> softcap * tanh(scores / softcap) after scaling; 0 means off
+
+Packed sequences and memory slots (``gated_memory_attention_reference_varlen``) are defined
+sequence by sequence through the same function.
 """
 
 from __future__ import annotations
@@ -66,24 +69,39 @@ def visible_mask(nq: int, nk: int, causal: bool, window_size=(-1, -1), device=No
     return visible
 
 
+def _bias(bias, per_batch: bool):
+    """A bias [H, X], or [B, H, X] per batch element, broadcast over [B, N, H, X]."""
+    return bias.unsqueeze(1) if per_batch else bias
+
+
 def memory_mlp(q, w1, b1, w2, b2):
-    """silu(q @ W1 + b1) @ W2 + b2, per head.  q: [B, N, H, D] -> [B, N, H, D]."""
-    hidden = torch.einsum("bnhd,hdm->bnhm", q, w1)
+    """silu(q @ W1 + b1) @ W2 + b2, per head.  q: [B, N, H, D] -> [B, N, H, D].
+    Weights [H, D, M], [H, M], [H, M, D], [H, D], or per batch element [B, H, ...]."""
+    per_batch = w1.dim() == 4
+    hidden = torch.einsum("bnhd,bhdm->bnhm" if per_batch else "bnhd,hdm->bnhm", q, w1)
     if b1 is not None:
-        hidden = hidden + b1
-    mem = torch.einsum("bnhm,hme->bnhe", F.silu(hidden), w2)
+        hidden = hidden + _bias(b1, per_batch)
+    mem = torch.einsum("bnhm,bhme->bnhe" if per_batch else "bnhm,hme->bnhe", F.silu(hidden), w2)
     if b2 is not None:
-        mem = mem + b2
+        mem = mem + _bias(b2, per_batch)
     return mem
 
 
 def gate_mlp(q, g1, c1, g2, gate_scale: float, gate_shift: float):
-    """sigmoid(gate_scale * (silu(q @ G1 + c1) @ g2 - gate_shift)).  [B, N, H, D] -> [B, N, H]."""
-    hidden = torch.einsum("bnhd,hdr->bnhr", q, g1)
+    """sigmoid(gate_scale * (silu(q @ G1 + c1) @ g2 - gate_shift)).  [B, N, H, D] -> [B, N, H].
+    Weights [H, D, R], [H, R], [H, R], or per batch element [B, H, ...]."""
+    per_batch = g1.dim() == 4
+    hidden = torch.einsum("bnhd,bhdr->bnhr" if per_batch else "bnhd,hdr->bnhr", q, g1)
     if c1 is not None:
-        hidden = hidden + c1
-    logit = torch.einsum("bnhr,hr->bnh", F.silu(hidden), g2)
+        hidden = hidden + _bias(c1, per_batch)
+    logit = torch.einsum("bnhr,bhr->bnh" if per_batch else "bnhr,hr->bnh", F.silu(hidden), g2)
     return torch.sigmoid(gate_scale * (logit - gate_shift))
+
+
+def slot_weights(memory_index, *weights):
+    """The weights of slot memory_index[b] for each b: [K, H, ...] -> [B, H, ...] (None stays
+    None).  Indexing is differentiable: each slot's gradient sums its rows' gradients."""
+    return tuple(None if w is None else w[memory_index] for w in weights)
 
 
 def attention(q_rot, k, v, causal: bool, scale: float, window_size=(-1, -1), softcap=0.0):
@@ -126,3 +144,49 @@ def gated_memory_attention_reference(
     g = gate.unsqueeze(-1)
     out = (1 - g) * attn + g * mem
     return out.to(q.dtype), gate
+
+
+def gated_memory_attention_reference_varlen(
+    q, k, v, w1, b1, w2, b2, g1, c1, g2, cos=None, sin=None, *, cu_seqlens_q=None,
+    cu_seqlens_k=None, memory_index=None, causal=True, softmax_scale=None, gate_scale=3.0,
+    gate_shift=1.0, window_size=(-1, -1), softcap=0.0,
+):
+    """Packed sequences and/or memory slots, by definition: every sequence on its own through
+    ``gated_memory_attention_reference``, with the weights of its slot.
+
+    Packed (cu_seqlens_q/k int32 [S+1]): q [total_q, Hq, D], k, v [total_k, Hkv, D],
+    cos, sin [total_q, D]; sequence s is rows cu_seqlens_q[s]:cu_seqlens_q[s+1] of q and
+    cu_seqlens_k[s]:cu_seqlens_k[s+1] of k and v (causal and window bottom-right within it).
+    Otherwise every batch element of the 4-D layout is a sequence (cos, sin [B, Nq, D]).
+    memory_index [S] or [B]: sequence s uses slot memory_index[s] of weights [K, Hq, ...];
+    None: the weights are shared ([Hq, ...]).
+    Returns (out like q, gate [total_q, Hq] or [B, Nq, Hq]).
+    """
+    packed = cu_seqlens_q is not None
+    if packed:
+        bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        rows_q, rows_k = list(zip(bounds_q, bounds_q[1:])), list(zip(bounds_k, bounds_k[1:]))
+    else:
+        rows_q = rows_k = [(b, b + 1) for b in range(q.shape[0])]
+    slots = None if memory_index is None else memory_index.tolist()
+
+    def part(t, a, b):  # a packed sequence becomes a batch of one
+        if t is None:
+            return None
+        return t[a:b].unsqueeze(0) if packed else t[a:b]
+
+    weights = (w1, b1, w2, b2, g1, c1, g2)
+    outs, gates = [], []
+    for s, ((qa, qb), (ka, kb)) in enumerate(zip(rows_q, rows_k)):
+        mine = weights if slots is None else tuple(
+            None if w is None else w[slots[s]] for w in weights)
+        out, gate = gated_memory_attention_reference(
+            part(q, qa, qb), part(k, ka, kb), part(v, ka, kb), *mine, part(cos, qa, qb),
+            part(sin, qa, qb), causal=causal, softmax_scale=softmax_scale,
+            gate_scale=gate_scale, gate_shift=gate_shift, window_size=window_size,
+            softcap=softcap)
+        outs.append(out[0] if packed else out)
+        gates.append(gate[0] if packed else gate)
+    if not outs:  # no sequence at all
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1], dtype=compute_dtype(q.dtype))
+    return torch.cat(outs), torch.cat(gates)

@@ -21,7 +21,7 @@ except ImportError:  # the backend then reports itself unavailable
 if triton is not None:
     from .triton_bwd import (
         dkdv_kernel, dkdv_kernel_tuned, dq_kernel, dq_kernel_tuned, preprocess_kernel)
-    from .triton_common import INTERPRETED, configs, prune_by_head_dim, seq_bucket
+    from .triton_common import INTERPRETED, configs, prune_configs, seq_bucket
     from .triton_fwd import gated_attention_fwd_kernel
 
 
@@ -97,17 +97,8 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
 
 def _fixed_config(kind, q):
     """The configuration deterministic mode uses: the first one autotuning would try."""
-    config = prune_by_head_dim(configs(kind), {"Q": q}, HEAD_DIM=q.shape[3])[0]
+    config = prune_configs(kind, configs(kind), {"Q": q}, HEAD_DIM=q.shape[3])[0]
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def _deterministic_slots(device, tiles, hq):
-    """How many programs per head walk the query tiles in deterministic mode: enough to fill
-    the GPU about twice; two on the interpreter (so programs walk several tiles)."""
-    if device.type != "cuda":
-        return min(tiles, 2)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(2 * sms, hq)))
 
 
 def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn,
@@ -123,15 +114,21 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     consts = _constants(q, w1, g1, causal)
     strides = (*_launch_args(q, k, v, cos, sin), *dout.stride())
 
-    do_attn = _new(lse.shape, torch.float32, q.device)  # rowsum(dout * attn) [B, Hq, Nq]
+    # rowsum(dout * attn), lse' [B, Hq, Nq] and the rotated query [B, Hq, Nq, D]
+    # (triton_bwd.py's docstring).
+    do_attn = _new(lse.shape, torch.float32, q.device)
+    lse_bwd = _new(lse.shape, torch.float32, q.device)
+    q_rot = _new((batch, hq, nq, d), q.dtype, q.device)
     pre_block = 16 if INTERPRETED else 64
     preprocess_kernel[(batch * hq, triton.cdiv(nq, pre_block))](
-        dout, attn, do_attn, *dout.stride(), nq, hq, HEAD_DIM=d, BLOCK_M=pre_block)
+        q, cos, sin, dout, attn, gate, lse, do_attn, lse_bwd, q_rot, *q.stride(),
+        *_rope_strides(cos), *_rope_strides(sin), *dout.stride(), nq, hq, HEAD_DIM=d,
+        BLOCK_M=pre_block)
 
     dk = _new(k.shape, k.dtype, k.device)
     dv = _new(v.shape, v.dtype, v.device)
-    dkdv_args = (q, k, v, cos, sin, dout, gate, lse, do_attn, dk, dv, *strides, nq, nk, hq,
-                 hq // hkv, scale, seq_bucket(nq, nk))
+    dkdv_args = (q_rot, k, v, dout, lse_bwd, do_attn, dk, dv, *k.stride(), *v.stride(),
+                 *dout.stride(), nq, nk, hq, hq // hkv, scale, seq_bucket(nq, nk))
     dkdv_consts = dict(HEAD_DIM=d, CAUSAL=causal)
     if deterministic:
         fixed = _fixed_config("dkdv", q)
@@ -142,24 +139,38 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
             *dkdv_args, **dkdv_consts)
 
     dq = _new(q.shape, q.dtype, q.device)
+    # Each row's MLP activations for the weight gradients (triton_bwd.py's docstring):
+    # d_hidden and g * act [B, Hq, Nq, M] in the dtype of the weight GEMMs' operands, the gate
+    # MLP's d_hidden and dz * act [B, Hq, Nq, R] in float32.
+    act_dtype = torch.promote_types(q.dtype, w1.dtype)
+    m, r = w1.shape[2], g1.shape[2]
+    hid = _new((batch, hq, nq, m), act_dtype, q.device)
+    gact = _new((batch, hq, nq, m), act_dtype, q.device)
+    ghid = _new((batch, hq, nq, r), torch.float32, q.device)
+    gz = _new((batch, hq, nq, r), torch.float32, q.device)
+    dq_args = (q, q_rot, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse_bwd,
+               do_attn, dq, hid, gact, ghid, gz, *strides, nq, nk, hq, hq // hkv, scale,
+               gate_scale, seq_bucket(nq, nk))
     if deterministic:
         fixed = _fixed_config("dq", q)
-        slots = _deterministic_slots(q.device, batch * triton.cdiv(nq, fixed["BLOCK_M"]), hq)
-    else:
-        slots = 1
-    # fp32 weight-gradient buffers [slots, *weight shape]; an absent bias gets None.
-    buffers = [None if t is None else
-               torch.zeros((slots, *t.shape), dtype=torch.float32, device=q.device)
-               for t in weights]
-    dq_args = (q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse, do_attn,
-               dq, *buffers, *strides, batch, nq, nk, hq, hq // hkv, scale, gate_scale,
-               seq_bucket(nq, nk))
-    if deterministic:
-        dq_kernel[(slots, hq)](*dq_args, **consts, DETERMINISTIC=True, **fixed)
+        dq_kernel[(batch * triton.cdiv(nq, fixed["BLOCK_M"]), hq)](*dq_args, **consts, **fixed)
     else:
         dq_kernel_tuned[lambda meta: (batch * triton.cdiv(nq, meta["BLOCK_M"]), hq)](
-            *dq_args, **consts, DETERMINISTIC=False)
-    # A fixed-order sum over the slots (one slot outside deterministic mode).
-    dweights = [None if buf is None else buf.sum(0).to(t.dtype)
-                for buf, t in zip(buffers, weights)]
-    return (dq, dk, dv, *dweights)
+            *dq_args, **consts)
+    return (dq, dk, dv, *_weight_gradients(q, dout, gate, hid, gact, ghid, gz, weights))
+
+
+def _weight_gradients(q, dout, gate, hid, gact, ghid, gz, weights):
+    """(dw1, db1, dw2, db2, dg1, dc1, dg2) from the activations the dq kernel wrote: one
+    batched GEMM per weight matrix (contracting batch and tokens, float32 accumulation) and
+    one sum per bias, in the weights' dtypes; None for an absent bias."""
+    w1, b1, w2, b2, g1, c1, g2 = weights
+    f32 = torch.float32
+    x = q.to(hid.dtype)
+    dw1 = torch.einsum("bnhd,bhnm->hdm", x, hid)
+    dw2 = torch.einsum("bhnm,bnhd->hmd", gact, dout.to(gact.dtype))
+    dg1 = torch.einsum("bnhd,bhnr->hdr", q.to(f32), ghid)
+    grads = (dw1, None if b1 is None else hid.sum((0, 2), dtype=f32),
+             dw2, None if b2 is None else torch.einsum("bnh,bnhd->hd", gate, dout.to(f32)),
+             dg1, None if c1 is None else ghid.sum((0, 2)), gz.sum((0, 2)))
+    return [None if g is None else g.to(t.dtype) for g, t in zip(grads, weights)]

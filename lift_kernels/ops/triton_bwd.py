@@ -1,21 +1,31 @@
-"""Fused Triton backward of gated-memory attention (FA2 structure), three kernels:
+"""Fused Triton backward of gated-memory attention (FA2 structure), three kernels.
 
-1. `preprocess_kernel`: rowsum(dO * attn) per (batch, head, query).  The attention's
-   upstream gradient is dA = (1 - g) * dO, so FA2's delta = rowsum(dA * attn) is
-   (1 - g) * rowsum(dO * attn); the gate branch needs rowsum(dO * attn) itself.
+The attention's upstream gradient is dA = (1 - g) * dO.  Folding the row factor (1 - g)
+into the probabilities, p' = (1 - g) * p = exp2(s * scale * log2(e) - lse'), with
+lse' = lse * log2(e) - log2(1 - g), gives FA2's formulas with dO itself:
+dV = p'^T dO, dS = p' * (dO V^T - delta') with delta' = rowsum(dO * attn) (FA2's delta is
+rowsum(dA * attn) = (1 - g) * delta'), dQ_rot = dS K, dK = dS^T Q_rot.  So the key loops
+stream exactly FA2's operands: the rotated query, dO, and two floats per row.
+
+1. `preprocess_kernel`: per (batch, head, query) delta' = rowsum(dO * attn) and lse' (base 2,
+   +inf for a row that sees no key or has g = 1, so p' = 0), and the rotated query in the
+   input dtype [B, Hq, Nq, D] (rounded as the forward's QK^T operand was), once.
 2. `dkdv_kernel`: one program per (batch x kv head, block of keys); it loops over the
    GROUP query heads that read this kv head and over their query blocks, so dK/dV of a GQA
    group are summed in registers (no per-query-head copies, no atomics).
 3. `dq_kernel`: one program per (query tiles, query head): the attention part of dq
    (rotated back to the pre-RoPE query: R^T dq_rot), then the memory branch (dmem = g * dO)
-   and the gate branch (dg = rowsum(dO * mem) - rowsum(dO * attn) + the gate output's own
-   gradient, rowsum(dO * mem) summed chunk by chunk, so mem is never materialised)
-   through both MLPs into the same dq, and the weight gradients of its tiles: fp32 atomics
-   into one buffer, or (DETERMINISTIC) read-modify-write into the program's own slot of a
-   [slots, ...] buffer that the caller sums in a fixed order.
+   and the gate branch (dg = rowsum(dO * mem) - delta' + the gate output's own gradient,
+   rowsum(dO * mem) summed chunk by chunk, so mem is never materialised) through both MLPs
+   into the same dq.  For the weight gradients it writes each row's MLP activations once
+   (d_hidden and g * act [B, Hq, Nq, M] in the operand dtype, the gate MLP's [.., R] in
+   float32); the caller reduces them over batch and tokens with one batched GEMM (or sum)
+   per weight, so there are no per-tile partials and no atomics, and every run is
+   bit-identical for a given configuration.
 
 Pointers and shapes are those of triton_fwd.py; DO is dout [B, Nq, Hq, D] (any strides),
-GATE [B, Nq, Hq], LSE/DO_ATTN [B, Hq, Nq], ATTN [B, Nq, Hq, D] (contiguous, from the forward).
+GATE [B, Nq, Hq], LSE/LSE_BWD/DO_ATTN [B, Hq, Nq], ATTN [B, Nq, Hq, D] (contiguous, from
+the forward), QROT [B, Hq, Nq, D] (contiguous, from the preprocess).
 """
 
 from __future__ import annotations
@@ -29,10 +39,15 @@ from .triton_common import (
 from .triton_fwd import gate_hidden_tile
 
 
-@triton.heuristics({"BLOCK_D": ATTENTION_HEURISTICS["BLOCK_D"]})
+@triton.heuristics({"BLOCK_D": ATTENTION_HEURISTICS["BLOCK_D"],
+                    "HAS_ROPE": ATTENTION_HEURISTICS["HAS_ROPE"]})
 @triton.jit
-def preprocess_kernel(DO, ATTN, DO_ATTN, stride_ob, stride_on, stride_oh, stride_od, NQ, HQ,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def preprocess_kernel(Q, COS, SIN, DO, ATTN, GATE, LSE, DO_ATTN, LSE_BWD, QROT,
+                      stride_qb, stride_qn, stride_qh, stride_qd,
+                      stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
+                      stride_ob, stride_on, stride_oh, stride_od, NQ, HQ,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HAS_ROPE: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
     b = bh // HQ
@@ -48,74 +63,74 @@ def preprocess_kernel(DO, ATTN, DO_ATTN, stride_ob, stride_on, stride_oh, stride
     attn = tl.load(ATTN + tok[:, None] * HEAD_DIM + offs_d[None, :], mask=mask,
                    other=0.0).to(tl.float32)
     tl.store(DO_ATTN + bh * NQ + rows, tl.sum(do * attn, 1), mask=m_ok)
+    gate = tl.load(GATE + tok, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + bh * NQ + rows, mask=m_ok, other=0.0)
+    lse_bwd = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E - tl.log2(1.0 - gate))
+    tl.store(LSE_BWD + bh * NQ + rows, lse_bwd, mask=m_ok)
+    _, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b,
+                          tl.cast(start_m, tl.int64), offs_d, mask, stride_qn, stride_qd,
+                          stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
+                          BLOCK_M, HEAD_DIM, HAS_ROPE)
+    tl.store(QROT + (bh * NQ + rows)[:, None] * HEAD_DIM + offs_d[None, :],
+             q_rot.to(QROT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _query_side(Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, start_m, offs_d, NQ, HQ,
-                stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
-                stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """Everything the backward reads about the query tile [start_m, start_m + BLOCK_M) of
-    (b, h): the pre-RoPE and rotated query, dO, the gate, lse in base 2 (+inf for rows that
-    see no key or lie past NQ, so their probabilities are 0) and delta.  Rows past NQ load
-    as zeros.  The tile start is an int64 scalar, offsets inside the tile int32."""
+def _query_side(QROT, DO, LSE_BWD, DO_ATTN, b, h, start_m, offs_d, NQ, HQ,
+                stride_ob, stride_on, stride_oh, stride_od,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """What the key loops read about the query tile [start_m, start_m + BLOCK_M) of (b, h):
+    the rotated query and dO in their stored dtype, lse' and delta' (module docstring).
+    Rows past NQ load as zeros with lse' = +inf, so their p' is 0.  The tile start is an
+    int64 scalar, offsets inside the tile int32."""
     rows = tl.arange(0, BLOCK_M)
     start = tl.cast(start_m, tl.int64)
     m_ok = start_m + rows < NQ
     mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q, q_rot = load_query(Q + b * stride_qb + h * stride_qh, COS, SIN, b, start, offs_d, mask,
-                          stride_qn, stride_qd, stride_cb, stride_cn, stride_cd, stride_sb,
-                          stride_sn, stride_sd, BLOCK_M, HEAD_DIM, HAS_ROPE)
+    row0 = (b * HQ + h) * NQ + start
+    q_rot = tl.load(QROT + (row0 + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask,
+                    other=0.0)
     do = tl.load(DO + b * stride_ob + h * stride_oh + start * stride_on
                  + rows[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask,
-                 other=0.0).to(tl.float32)
-    gate = tl.load(GATE + ((b * NQ + start) * HQ + h) + rows * HQ, mask=m_ok, other=0.0)
-    lse = tl.load(LSE + ((b * HQ + h) * NQ + start) + rows, mask=m_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    do_attn = tl.load(DO_ATTN + ((b * HQ + h) * NQ + start) + rows, mask=m_ok, other=0.0)
-    return q, q_rot, do, gate, lse, (1.0 - gate) * do_attn
+                 other=0.0)
+    lse = tl.load(LSE_BWD + row0 + rows, mask=m_ok, other=float("inf"))
+    delta = tl.load(DO_ATTN + row0 + rows, mask=m_ok, other=0.0)
+    return q_rot, do, lse, delta
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_n, offs_d, lo, hi,
-                 NQ, NK, HQ, qk_scale,
-                 stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
-                 stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
+def _dkdv_blocks(dk, dv, k, v, QROT, DO, LSE_BWD, DO_ATTN, b, h, offs_n, offs_d, lo, hi,
+                 NQ, NK, HQ, qk_scale, stride_ob, stride_on, stride_oh, stride_od,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dK/dV contributions of query blocks [lo, hi) of head h, in the transposed layout
-    (keys are rows): pT = exp2(k q^T * scale - lse), dv += pT dA, dk += pT (dA v^T - delta) q."""
+    (keys are rows): pT = exp2(k q^T * scale - lse'), dv += pT dO,
+    dk += pT * (v dO^T - delta') q (without the scale)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, q_rot, do, gate, lse, delta = _query_side(
-            Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, start_m, offs_d, NQ, HQ,
-            stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
-            stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
-            BLOCK_M, HEAD_DIM, HAS_ROPE)
-        d_attn = (1.0 - gate)[:, None] * do
+        q_rot, do, lse, delta = _query_side(QROT, DO, LSE_BWD, DO_ATTN, b, h, start_m, offs_d,
+                                            NQ, HQ, stride_ob, stride_on, stride_oh,
+                                            stride_od, BLOCK_M, HEAD_DIM)
         s_t = tl.dot(k.to(DOT_DTYPE), tl.trans(q_rot).to(DOT_DTYPE), input_precision=PRECISION)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (NK - NQ), p_t, 0.0)
-        dv = tl.dot(p_t.to(DOT_DTYPE), d_attn.to(DOT_DTYPE), dv, input_precision=PRECISION)
-        dp_t = tl.dot(v.to(DOT_DTYPE), tl.trans(d_attn).to(DOT_DTYPE), input_precision=PRECISION)
+        dv = tl.dot(p_t.to(DOT_DTYPE), do.to(DOT_DTYPE), dv, input_precision=PRECISION)
+        dp_t = tl.dot(v.to(DOT_DTYPE), tl.trans(do).to(DOT_DTYPE), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(DOT_DTYPE), q_rot.to(DOT_DTYPE), dk, input_precision=PRECISION)
     return dk, dv
 
 
-def _dkdv(Q, K, V, COS, SIN, DO, GATE, LSE, DO_ATTN, DK, DV,
-          stride_qb, stride_qn, stride_qh, stride_qd,
+def _dkdv(QROT, K, V, DO, LSE_BWD, DO_ATTN, DK, DV,
           stride_kb, stride_kn, stride_kh, stride_kd,
           stride_vb, stride_vn, stride_vh, stride_vd,
-          stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
           stride_ob, stride_on, stride_oh, stride_od,
           NQ, NK, HQ, GROUP, scale,
           SEQ_BUCKET,  # autotuning key only (triton_common.seq_bucket)
           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          HAS_ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     bkv = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_N
     hkv = HQ // GROUP
@@ -145,40 +160,26 @@ def _dkdv(Q, K, V, COS, SIN, DO, GATE, LSE, DO_ATTN, DK, DV,
     qk_scale = scale * LOG2E
     for g in range(GROUP):
         h = kvh * GROUP + g
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_n,
-                              offs_d, lo, full_lo, NQ, NK, HQ, qk_scale,
-                              stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn,
-                              stride_cd, stride_sb, stride_sn, stride_sd, stride_ob, stride_on,
-                              stride_oh, stride_od, HEAD_DIM, BLOCK_M, BLOCK_N, True, HAS_ROPE,
+        dk, dv = _dkdv_blocks(dk, dv, k, v, QROT, DO, LSE_BWD, DO_ATTN, b, h, offs_n, offs_d,
+                              lo, full_lo, NQ, NK, HQ, qk_scale, stride_ob, stride_on,
+                              stride_oh, stride_od, HEAD_DIM, BLOCK_M, BLOCK_N, True,
                               DOT_DTYPE, PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, offs_n,
-                              offs_d, full_lo, q_blocks_end, NQ, NK, HQ, qk_scale,
-                              stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn,
-                              stride_cd, stride_sb, stride_sn, stride_sd, stride_ob, stride_on,
-                              stride_oh, stride_od, HEAD_DIM, BLOCK_M, BLOCK_N, False, HAS_ROPE,
-                              DOT_DTYPE, PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, QROT, DO, LSE_BWD, DO_ATTN, b, h, offs_n, offs_d,
+                              full_lo, q_blocks_end, NQ, NK, HQ, qk_scale, stride_ob,
+                              stride_on, stride_oh, stride_od, HEAD_DIM, BLOCK_M, BLOCK_N,
+                              False, DOT_DTYPE, PRECISION)
     ptrs = ((b * NK + keys) * hkv + kvh)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def accumulate(ptrs, value, mask, DETERMINISTIC: tl.constexpr):
-    """Adds a weight-gradient partial: into the program's own slot (plain read-modify-write,
-    ordered) or, by default, with fp32 atomics into the single shared buffer."""
-    if DETERMINISTIC:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
-    else:
-        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def _dq_attention_blocks(dq, q_rot, d_attn, lse, delta, Kh, Vh, offs_m, offs_d, lo, hi, NQ, NK,
+def _dq_attention_blocks(dq, q_rot, do, lse, delta, Kh, Vh, offs_m, offs_d, lo, hi, NQ, NK,
                          stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          PRECISION: tl.constexpr):
-    """dq_rot += (p * (dA v^T - delta)) k over key blocks [lo, hi), without the scale."""
+    """dq_rot += (p' * (dO v^T - delta')) k over key blocks [lo, hi), without the scale."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         keys = tl.arange(0, BLOCK_N)  # int32 offsets inside the block, int64 block start
@@ -200,31 +201,32 @@ def _dq_attention_blocks(dq, q_rot, d_attn, lse, delta, Kh, Vh, offs_m, offs_d, 
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
             p = tl.where(visible, p, 0.0)
-        dp = tl.dot(d_attn.to(DOT_DTYPE), vt.to(DOT_DTYPE), input_precision=PRECISION)
+        dp = tl.dot(do.to(DOT_DTYPE), vt.to(DOT_DTYPE), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(DOT_DTYPE), tl.trans(kt).to(DOT_DTYPE), dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit
-def _memory_backward(dq, q, do, gate, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs_d,
+def _memory_backward(dq, q, do, gate, W1, B1, W2, HID, GACT, h, row0, m_ok, offs_d,
                      HEAD_DIM: tl.constexpr, MEM_HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_H: tl.constexpr, HAS_B1: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_H: tl.constexpr, HAS_B1: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """Backward of g * mem, mem = silu(q W1 + b1) W2 (+ b2), for one tile, M streamed in
-    chunks, with e = dO W2^T per chunk: d_hidden = g * e * silu'(hidden), dW2 = (g * act)^T dO.
-    Returns (dq + d_hidden W1^T, rowsum(dO * (mem - b2)) = sum over chunks of
-    rowsum(act * e)) and adds this tile's dW1, db1, dW2 into slot_h; neither mem nor
-    g * dO is held as a [BLOCK_M, D] tile.  q, do [BLOCK_M, BLOCK_D]; gate [BLOCK_M]."""
+    chunks, with e = dO W2^T per chunk: d_hidden = g * e * silu'(hidden).  Returns
+    (dq + d_hidden W1^T, rowsum(dO * (mem - b2)) = sum over chunks of rowsum(act * e)) and
+    writes the tile's rows of d_hidden and g * act into HID/GACT [B, Hq, Nq, M] (row row0 is
+    the tile's first), from which the caller forms dW1 = q^T d_hidden, db1 and
+    dW2 = (g * act)^T dO as batched GEMMs: no partial weight gradient per tile, no atomics.
+    q, do [BLOCK_M, BLOCK_D]; gate [BLOCK_M]."""
     d_ok = offs_d < HEAD_DIM
+    rows = tl.arange(0, BLOCK_M)
     do_mem = tl.zeros([BLOCK_M], dtype=tl.float32)
     for m0 in range(0, MEM_HIDDEN, BLOCK_H):
         offs_h = m0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < MEM_HIDDEN
-        dh_mask = d_ok[:, None] & h_ok[None, :]
-        hd_mask = h_ok[:, None] & d_ok[None, :]
         w1 = tl.load(W1 + h * HEAD_DIM * MEM_HIDDEN + offs_d[:, None] * MEM_HIDDEN
-                     + offs_h[None, :], mask=dh_mask, other=0.0)
+                     + offs_h[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
         hidden = tl.dot(q.to(DOT_DTYPE), w1.to(DOT_DTYPE), input_precision=PRECISION)
         if HAS_B1:
             hidden += tl.load(B1 + h * MEM_HIDDEN + offs_h, mask=h_ok,
@@ -232,159 +234,129 @@ def _memory_backward(dq, q, do, gate, W1, B1, W2, DW1, DB1, DW2, h, slot_h, offs
         sig = tl.sigmoid(hidden)
         act = hidden * sig
         w2 = tl.load(W2 + h * MEM_HIDDEN * HEAD_DIM + offs_h[:, None] * HEAD_DIM
-                     + offs_d[None, :], mask=hd_mask, other=0.0)
+                     + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
         e = tl.dot(do.to(DOT_DTYPE), tl.trans(w2).to(DOT_DTYPE), input_precision=PRECISION)
         do_mem += tl.sum(act * e, 1)
         d_hidden = gate[:, None] * e * (sig * (1.0 + hidden * (1.0 - sig)))  # silu'
         dq = tl.dot(d_hidden.to(DOT_DTYPE), tl.trans(w1).to(DOT_DTYPE), dq,
                     input_precision=PRECISION)
-        dw1 = tl.dot(tl.trans(q).to(DOT_DTYPE), d_hidden.to(DOT_DTYPE), input_precision=PRECISION)
-        dw2 = tl.dot(tl.trans(act * gate[:, None]).to(DOT_DTYPE), do.to(DOT_DTYPE),
-                     input_precision=PRECISION)
-        dw1_ptrs = (DW1 + slot_h * HEAD_DIM * MEM_HIDDEN + offs_d[:, None] * MEM_HIDDEN
-                    + offs_h[None, :])
-        dw2_ptrs = (DW2 + slot_h * MEM_HIDDEN * HEAD_DIM + offs_h[:, None] * HEAD_DIM
-                    + offs_d[None, :])
-        # Written out, not through accumulate(): the interpreter pays for every device call.
-        if DETERMINISTIC:
-            tl.store(dw1_ptrs, tl.load(dw1_ptrs, mask=dh_mask, other=0.0) + dw1, mask=dh_mask)
-            tl.store(dw2_ptrs, tl.load(dw2_ptrs, mask=hd_mask, other=0.0) + dw2, mask=hd_mask)
-        else:
-            tl.atomic_add(dw1_ptrs, dw1, mask=dh_mask, sem="relaxed")
-            tl.atomic_add(dw2_ptrs, dw2, mask=hd_mask, sem="relaxed")
-        if HAS_B1:
-            accumulate(DB1 + slot_h * MEM_HIDDEN + offs_h, tl.sum(d_hidden, 0), h_ok,
-                       DETERMINISTIC)
+        ptrs = (row0 + rows)[:, None] * MEM_HIDDEN + offs_h[None, :]
+        mask = m_ok[:, None] & h_ok[None, :]
+        tl.store(HID + ptrs, d_hidden.to(HID.dtype.element_ty), mask=mask)
+        tl.store(GACT + ptrs, (act * gate[:, None]).to(GACT.dtype.element_ty), mask=mask)
     return dq, do_mem
 
 
-def _dq(Q, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE, DO_ATTN,
-        DQ, DW1, DB1, DW2, DB2, DG1, DC1, DG2,
+def _dq(Q, QROT, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LSE_BWD,
+        DO_ATTN, DQ, HID, GACT, GHID, GZ,
         stride_qb, stride_qn, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
         stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
         stride_ob, stride_on, stride_oh, stride_od,
-        BATCH, NQ, NK, HQ, GROUP, scale, gate_scale,
+        NQ, NK, HQ, GROUP, scale, gate_scale,
         SEQ_BUCKET,  # autotuning key only (triton_common.seq_bucket)
         HEAD_DIM: tl.constexpr, MEM_HIDDEN: tl.constexpr, GATE_HIDDEN: tl.constexpr,
-        CAUSAL: tl.constexpr, DETERMINISTIC: tl.constexpr,
+        CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_C1: tl.constexpr,
         HAS_DGATE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     h = tl.program_id(1).to(tl.int64)
     kvh = h // GROUP
-    # Weight-gradient partials go to this program's slot (DETERMINISTIC) or the one buffer.
-    if DETERMINISTIC:
-        slot_h = tl.program_id(0).to(tl.int64) * HQ + h
-    else:
-        slot_h = h
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < GATE_HIDDEN
     qk_scale = scale * LOG2E
     m_blocks = tl.cdiv(NQ, BLOCK_M)
-    # One tile per program by default; with DETERMINISTIC a fixed number of programs walks
-    # the tiles in a fixed order.
-    for tile in range(tl.program_id(0), BATCH * m_blocks, tl.num_programs(0)):
-        b = (tile // m_blocks).to(tl.int64)
-        start_m = (tile % m_blocks) * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows = offs_m.to(tl.int64)
-        m_ok = offs_m < NQ
-        tile_ok = m_ok[:, None] & d_ok[None, :]
-        # Attention part, in the rotated frame; only what the key loop needs stays live.
-        _, q_rot, do, gate, lse, delta = _query_side(
-            Q, COS, SIN, DO, GATE, LSE, DO_ATTN, b, h, start_m, offs_d, NQ, HQ,
-            stride_qb, stride_qn, stride_qh, stride_qd, stride_cb, stride_cn, stride_cd,
-            stride_sb, stride_sn, stride_sd, stride_ob, stride_on, stride_oh, stride_od,
-            BLOCK_M, HEAD_DIM, HAS_ROPE)
-        q_rot = q_rot.to(DOT_DTYPE)
-        d_attn = ((1.0 - gate)[:, None] * do).to(DOT_DTYPE)
-        Kh = K + b * stride_kb + kvh * stride_kh
-        Vh = V + b * stride_vb + kvh * stride_vh
-        full_end, end = causal_bounds(start_m, NQ, NK, BLOCK_M, BLOCK_N, CAUSAL)
-        dq_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq_rot = _dq_attention_blocks(dq_rot, q_rot, d_attn, lse, delta, Kh, Vh, offs_m, offs_d,
-                                      0, full_end, NQ, NK, stride_kn, stride_kd, stride_vn,
-                                      stride_vd, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, False,
-                                      CAUSAL, DOT_DTYPE, PRECISION)
-        dq_rot = _dq_attention_blocks(dq_rot, q_rot, d_attn, lse, delta, Kh, Vh, offs_m, offs_d,
-                                      full_end, end, NQ, NK, stride_kn, stride_kd, stride_vn,
-                                      stride_vd, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True,
-                                      CAUSAL, DOT_DTYPE, PRECISION)
-        dq_rot = dq_rot * scale
-        if HAS_ROPE:
-            # q_rot = q*cos + rotate_half(q)*sin, so dq = dq_rot*cos + rotate_half^T(dq_rot*sin)
-            # with rotate_half^T(y)[d] = -sign[d] * y[partner[d]].
-            partner, sign = rope_partner(offs_d, HEAD_DIM)
-            cos = tl.load(COS + b * stride_cb + rows[:, None] * stride_cn
-                          + offs_d[None, :] * stride_cd, mask=tile_ok, other=0.0)
-            sin = tl.load(SIN + b * stride_sb + rows[:, None] * stride_sn
-                          + offs_d[None, :] * stride_sd, mask=tile_ok, other=0.0)
-            swapped = tl.gather(dq_rot * sin,
-                                tl.broadcast_to(partner[None, :], (BLOCK_M, BLOCK_D)), 1)
-            dq = dq_rot * cos - sign[None, :] * swapped
-        else:
-            dq = dq_rot
+    tile = tl.program_id(0)
+    b = (tile // m_blocks).to(tl.int64)
+    start_m = (tile % m_blocks) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    m_ok = offs_m < NQ
+    tile_ok = m_ok[:, None] & d_ok[None, :]
+    # Attention part, in the rotated frame; only what the key loop needs stays live.
+    q_rot, do, lse, delta = _query_side(QROT, DO, LSE_BWD, DO_ATTN, b, h, start_m, offs_d,
+                                        NQ, HQ, stride_ob, stride_on, stride_oh, stride_od,
+                                        BLOCK_M, HEAD_DIM)
+    Kh = K + b * stride_kb + kvh * stride_kh
+    Vh = V + b * stride_vb + kvh * stride_vh
+    full_end, end = causal_bounds(start_m, NQ, NK, BLOCK_M, BLOCK_N, CAUSAL)
+    dq_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_rot = _dq_attention_blocks(dq_rot, q_rot, do, lse, delta, Kh, Vh, offs_m, offs_d,
+                                  0, full_end, NQ, NK, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, False,
+                                  CAUSAL, DOT_DTYPE, PRECISION)
+    dq_rot = _dq_attention_blocks(dq_rot, q_rot, do, lse, delta, Kh, Vh, offs_m, offs_d,
+                                  full_end, end, NQ, NK, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True,
+                                  CAUSAL, DOT_DTYPE, PRECISION)
+    dq_rot = dq_rot * scale
+    if HAS_ROPE:
+        # q_rot = q*cos + rotate_half(q)*sin, so dq = dq_rot*cos + rotate_half^T(dq_rot*sin)
+        # with rotate_half^T(y)[d] = -sign[d] * y[partner[d]].
+        partner, sign = rope_partner(offs_d, HEAD_DIM)
+        cos = tl.load(COS + b * stride_cb + rows[:, None] * stride_cn
+                      + offs_d[None, :] * stride_cd, mask=tile_ok, other=0.0)
+        sin = tl.load(SIN + b * stride_sb + rows[:, None] * stride_sn
+                      + offs_d[None, :] * stride_sd, mask=tile_ok, other=0.0)
+        swapped = tl.gather(dq_rot * sin,
+                            tl.broadcast_to(partner[None, :], (BLOCK_M, BLOCK_D)), 1)
+        dq = dq_rot * cos - sign[None, :] * swapped
+    else:
+        dq = dq_rot
 
-        # Memory branch (dmem = g * dO): the pre-RoPE query and dO are loaded again (L2 hits)
-        # rather than kept live through the key loop.
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
-                    + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
-        do = tl.load(DO + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
-                     + offs_d[None, :] * stride_od, mask=tile_ok, other=0.0)
-        dq, do_mem = _memory_backward(dq, q, do, gate, W1, B1, W2, DW1, DB1, DW2, h, slot_h,
-                                      offs_d, HEAD_DIM, MEM_HIDDEN, BLOCK_M, BLOCK_H, HAS_B1,
-                                      DETERMINISTIC, DOT_DTYPE, PRECISION)
-        if HAS_B2:
-            b2 = tl.load(B2 + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            do_mem += tl.sum(do.to(tl.float32) * b2[None, :], 1)
-            accumulate(DB2 + slot_h * HEAD_DIM + offs_d,
-                       tl.sum(gate[:, None] * do.to(tl.float32), 0), d_ok, DETERMINISTIC)
+    # Memory branch (dmem = g * dO): the pre-RoPE query and dO are loaded again (L2 hits)
+    # rather than kept live through the key loop.
+    tok = (b * NQ + rows) * HQ + h
+    row0 = (b * HQ + h) * NQ + start_m  # this tile's first row of HID/GACT/GHID/GZ
+    gate = tl.load(GATE + tok, mask=m_ok, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+                 + offs_d[None, :] * stride_od, mask=tile_ok, other=0.0)
+    dq, do_mem = _memory_backward(dq, q, do, gate, W1, B1, W2, HID, GACT, h, row0, m_ok,
+                                  offs_d, HEAD_DIM, MEM_HIDDEN, BLOCK_M, BLOCK_H, HAS_B1,
+                                  DOT_DTYPE, PRECISION)
+    if HAS_B2:
+        b2 = tl.load(B2 + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        do_mem += tl.sum(do.to(tl.float32) * b2[None, :], 1)
 
-        # Gate branch: out = attn + g * (mem - attn), gate = sigmoid(gate_scale * (z - shift)).
-        tok = (b * NQ + rows) * HQ + h
-        d_gate = do_mem - tl.load(DO_ATTN + (b * HQ + h) * NQ + rows, mask=m_ok, other=0.0)
-        if HAS_DGATE:
-            d_gate += tl.load(DGATE + tok, mask=m_ok, other=0.0).to(tl.float32)
-        dz = d_gate * gate * (1.0 - gate) * gate_scale
-        gate_hidden, g1 = gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM, GATE_HIDDEN, BLOCK_M,
-                                           BLOCK_R, HAS_C1, DOT_DTYPE, PRECISION)
-        gate_sig = tl.sigmoid(gate_hidden)
-        gate_act = gate_hidden * gate_sig
-        gate_dact = gate_sig * (1.0 + gate_hidden * (1.0 - gate_sig))
-        g2 = tl.load(G2 + h * GATE_HIDDEN + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-        accumulate(DG2 + slot_h * GATE_HIDDEN + offs_r, tl.sum(dz[:, None] * gate_act, 0), r_ok,
-                   DETERMINISTIC)
-        d_gate_hidden = dz[:, None] * g2[None, :] * gate_dact
-        if HAS_C1:
-            accumulate(DC1 + slot_h * GATE_HIDDEN + offs_r, tl.sum(d_gate_hidden, 0), r_ok,
-                       DETERMINISTIC)
-        dg1 = tl.dot(tl.trans(q).to(DOT_DTYPE), d_gate_hidden.to(DOT_DTYPE),
-                     input_precision=PRECISION)
-        accumulate(DG1 + slot_h * HEAD_DIM * GATE_HIDDEN + offs_d[:, None] * GATE_HIDDEN
-                   + offs_r[None, :], dg1, d_ok[:, None] & r_ok[None, :], DETERMINISTIC)
-        dq = tl.dot(d_gate_hidden.to(DOT_DTYPE), tl.trans(g1).to(DOT_DTYPE), dq,
-                    input_precision=PRECISION)
-
-        tl.store(DQ + tok[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=tile_ok)
-        if DETERMINISTIC:
-            # The next tile's read-modify-write must see this one's stores from every thread.
-            tl.debug_barrier()
+    # Gate branch: out = attn + g * (mem - attn), gate = sigmoid(gate_scale * (z - shift)).
+    d_gate = do_mem - delta
+    if HAS_DGATE:
+        d_gate += tl.load(DGATE + tok, mask=m_ok, other=0.0).to(tl.float32)
+    dz = d_gate * gate * (1.0 - gate) * gate_scale
+    gate_hidden, g1 = gate_hidden_tile(q, G1, C1, h, offs_d, HEAD_DIM, GATE_HIDDEN, BLOCK_M,
+                                       BLOCK_R, HAS_C1, DOT_DTYPE, PRECISION)
+    gate_sig = tl.sigmoid(gate_hidden)
+    gate_act = gate_hidden * gate_sig
+    gate_dact = gate_sig * (1.0 + gate_hidden * (1.0 - gate_sig))
+    g2 = tl.load(G2 + h * GATE_HIDDEN + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+    d_gate_hidden = dz[:, None] * g2[None, :] * gate_dact
+    # dG1 = q^T d_gate_hidden, dc1 and dg2 = sum of dz * gate_act: reduced by the caller.
+    r_ptrs = (row0 + tl.arange(0, BLOCK_M))[:, None] * GATE_HIDDEN + offs_r[None, :]
+    r_mask = m_ok[:, None] & r_ok[None, :]
+    tl.store(GHID + r_ptrs, d_gate_hidden, mask=r_mask)
+    tl.store(GZ + r_ptrs, dz[:, None] * gate_act, mask=r_mask)
+    dq = tl.dot(d_gate_hidden.to(DOT_DTYPE), tl.trans(g1).to(DOT_DTYPE), dq,
+                input_precision=PRECISION)
+    tl.store(DQ + tok[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=tile_ok)
 
 
-# Zeroed before each run of the autotuned dq kernel: it accumulates into them.
-GRADIENT_BUFFERS = ("DW1", "DB1", "DW2", "DB2", "DG1", "DC1", "DG2")
 DKDV_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL"]
 DQ_KEY = ["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"]
 # The plain kernels (fixed configuration: deterministic mode, where the tile sizes must not
 # depend on timing) and their autotuned twins (default mode).
-dkdv_kernel = triton.heuristics(ATTENTION_HEURISTICS)(triton.jit(_dkdv))
+# The dK/dV kernel reads the rotated query (QROT) where the others read Q.
+dkdv_kernel = triton.heuristics({
+    name: ATTENTION_HEURISTICS[name] if name == "BLOCK_D" else
+    (lambda a, rule=ATTENTION_HEURISTICS[name]: rule({"Q": a["QROT"]}))
+    for name in ("BLOCK_D", "DOT_DTYPE", "PRECISION")})(triton.jit(_dkdv))
 dq_kernel = triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS,
                                "HAS_DGATE": lambda a: a["DGATE"] is not None})(triton.jit(_dq))
-dkdv_kernel_tuned = autotuned(dkdv_kernel, configs("dkdv"), DKDV_KEY)
-dq_kernel_tuned = autotuned(dq_kernel, configs("dq"), DQ_KEY, accumulated=GRADIENT_BUFFERS)
+dkdv_kernel_tuned = autotuned(dkdv_kernel, "dkdv", configs("dkdv"), DKDV_KEY)
+dq_kernel_tuned = autotuned(dq_kernel, "dq", configs("dq"), DQ_KEY)

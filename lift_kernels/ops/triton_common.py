@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from functools import partial
 
 import torch
 import triton
@@ -63,31 +64,60 @@ WEIGHT_HEURISTICS = {
 }
 
 
+# Per kernel and head-dim class, the configurations prune_configs keeps, in the order the
+# autotuner tries them; the first is also deterministic mode's (untimed).  Rebuilt from the
+# JIT-faithful sm_90a compile report, bf16, B=4 N=4096 Hq=32 Hkv=8 (bench/triton_compile.py;
+# table and date in bench/RESULTS.md; printed by its --suggest): kept are the configurations
+# that launch (shared memory measured) and reload no spilled value inside a hot loop, the
+# larger loop-invariant tile first (less traffic), then fewer spill reloads anywhere, then
+# the larger streamed tile, then less shared memory; dropped are the rest.
+TUNED = {
+    ("fwd", 64): [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 8, 3),
+                  (128, 64, 64, 8, 3), (128, 64, 32, 4, 4), (128, 64, 64, 4, 4),
+                  (128, 32, 32, 8, 2), (128, 32, 64, 8, 2), (64, 64, 32, 4, 4),
+                  (64, 64, 64, 4, 4), (64, 32, 32, 4, 3), (64, 32, 32, 8, 3),
+                  (64, 32, 64, 4, 3), (64, 32, 64, 8, 3)],
+    ("fwd", 128): [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 8, 3),
+                   (128, 64, 64, 8, 3), (128, 32, 32, 8, 2), (128, 32, 64, 8, 2),
+                   (64, 64, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 3),
+                   (64, 32, 32, 8, 3), (64, 32, 64, 4, 3), (64, 32, 64, 8, 3)],
+    ("dkdv", 64): [(32, 128, 8, 3), (64, 128, 8, 3), (16, 128, 4, 2), (32, 64, 8, 2),
+                   (32, 64, 4, 3), (16, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2),
+                   (32, 32, 4, 3)],
+    ("dkdv", 128): [(32, 128, 8, 3), (32, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 3),
+                    (64, 64, 8, 2), (32, 32, 4, 3)],
+    ("dq", 64): [(128, 32, 32, 8, 2), (64, 64, 32, 8, 2), (64, 64, 32, 4, 3),
+                 (64, 32, 32, 4, 2), (64, 32, 32, 8, 2), (64, 32, 64, 4, 2),
+                 (32, 64, 32, 4, 2), (32, 32, 32, 4, 3)],
+    ("dq", 128): [(128, 32, 32, 8, 2), (64, 64, 32, 8, 2), (64, 32, 32, 8, 2),
+                  (64, 32, 32, 4, 2), (64, 64, 32, 4, 3), (64, 32, 64, 4, 2),
+                  (32, 32, 32, 4, 3)],
+}
+
+
 def gpu_configs(kind):
-    """Every autotuning configuration of a kernel on the GPU (sm_80/sm_90), before pruning by
-    head dim and dtype (prune_by_head_dim)."""
-    # Each list starts with the configuration that spilled least in an sm_90a compile at
-    # D=128, bf16 (tests/test_triton_compile.py); deterministic mode uses it untimed.
-    out = []
+    """Every autotuning configuration of a kernel on the GPU (sm_80/sm_90): the candidates
+    bench/triton_compile.py compiles, before prune_configs keeps and orders those for
+    the head dim and dtype."""
     if kind == "fwd":
-        for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
-                                      (64, 64, 4, 4), (64, 32, 8, 3), (64, 32, 4, 3),
-                                      (128, 32, 8, 2)):
-            for bh in (32, 64):
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh},
-                                         num_warps=warps, num_stages=stages))
-    elif kind == "dkdv":
-        for bm, bn, warps, stages in ((32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
-                                      (64, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2)):
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                     num_stages=stages))
-    else:  # dq: also runs the memory and gate backward on its query tile
-        for bm, bn, bh, warps, stages in ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2),
-                                          (64, 64, 32, 4, 3), (64, 32, 64, 4, 2),
-                                          (32, 64, 32, 4, 2)):
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh},
-                                     num_warps=warps, num_stages=stages))
-    return out
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh}, num_warps=warps,
+                              num_stages=stages)
+                for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+                                              (64, 64, 4, 4), (64, 32, 8, 3), (64, 32, 4, 3),
+                                              (128, 32, 8, 2))
+                for bh in (32, 64)]
+    if kind == "dkdv":
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+                for bm, bn, warps, stages in ((32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3),
+                                              (64, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2),
+                                              (32, 32, 4, 3), (64, 64, 8, 2), (16, 128, 4, 2))]
+    # dq: also runs the memory and gate backward on its query tile
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_H": bh}, num_warps=warps,
+                          num_stages=stages)
+            for bm, bn, bh, warps, stages in ((64, 32, 32, 8, 2), (128, 32, 32, 8, 2),
+                                              (64, 64, 32, 4, 3), (64, 32, 64, 4, 2),
+                                              (32, 64, 32, 4, 2), (64, 64, 32, 8, 2),
+                                              (32, 32, 32, 4, 3), (64, 32, 32, 4, 2))]
 
 
 def configs(kind):
@@ -95,29 +125,19 @@ def configs(kind):
     fixed configuration under the interpreter (autotuning would only time numpy there;
     16-row tiles keep the tests' small sequences spanning several blocks).
 
-    LIFT_KERNELS_TRITON_CONFIGS=N (read at import) keeps the first N of each list: every
-    autotuning key compiles each configuration, so a test suite with many shapes (N=1) or a
-    time-boxed benchmark (a few) would otherwise spend minutes compiling."""
+    LIFT_KERNELS_TRITON_CONFIGS=N (read at import) keeps the first N that prune_configs
+    orders for a call: every autotuning key compiles each configuration, so a test suite
+    with many shapes (N=1) or a time-boxed benchmark (a few) would otherwise spend minutes
+    compiling."""
     if INTERPRETED:
         tile = {"BLOCK_M": 16, "BLOCK_N": 16}
         if kind != "dkdv":
             tile["BLOCK_H"] = 32
         return [triton.Config(tile, num_warps=4, num_stages=1)]
-    out = gpu_configs(kind)
-    limit = int(os.environ.get("LIFT_KERNELS_TRITON_CONFIGS", "0") or 0)
-    return out[:limit] if limit > 0 else out
+    return gpu_configs(kind)
 
 
-def zero_buffers(names):
-    """The autotuner's pre-hook for accumulated outputs: zeroes each named tensor before every
-    timed run and once before the real launch.  Used instead of autotune(reset_to_zero=...),
-    which in Triton 3.6 calls .zero_() on every named argument, also on an absent (None)
-    bias gradient."""
-    def hook(kwargs, reset_only=False):
-        for name in names:
-            if kwargs[name] is not None:
-                kwargs[name].zero_()
-    return hook
+_LIMIT = int(os.environ.get("LIFT_KERNELS_TRITON_CONFIGS", "0") or 0)
 
 
 # Autotuning results persist in Triton's cache directory (keyed by kernel source, key and
@@ -127,13 +147,12 @@ _CACHE_RESULTS = ({"cache_results": True}
                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
-def autotuned(kernel, config_list, key, accumulated=(), **options):
+def autotuned(kernel, kind, config_list, key, **options):
     """`kernel` (a heuristics-wrapped jit function) autotuned over `config_list`, pruned per
-    call by prune_by_head_dim; tensors named in `accumulated` are zeroed before each run."""
-    if accumulated:
-        options["pre_hook"] = zero_buffers(list(accumulated))
+    call by prune_configs(kind, ...).  No kernel accumulates into its outputs, so no
+    reset_to_zero (which in Triton 3.6 also called .zero_() on absent, None, arguments)."""
     return triton.autotune(configs=config_list, key=key,
-                           prune_configs_by={"early_config_prune": prune_by_head_dim},
+                           prune_configs_by={"early_config_prune": partial(prune_configs, kind)},
                            **_CACHE_RESULTS, **options)(kernel)
 
 
@@ -143,25 +162,34 @@ def seq_bucket(nq, nk):
     return nq.bit_length() * 64 + nk.bit_length()
 
 
-def prune_by_head_dim(configs, named_args, **kwargs):
-    """Drop the tiles that cannot fit registers/shared memory at large head dims, and the
-    large tiles for float32 inputs (exact fp32 dots run on FMA units, not tensor cores, and
-    a 128 x 64 tile spilled 87 KB in an sm_90a compile).  The autotuner passes positional
-    arguments (Q) as named_args and keywords (HEAD_DIM) as kwargs."""
+def config_key(config):
+    """(BLOCK_M, BLOCK_N[, BLOCK_H], warps, stages): how TUNED names a configuration."""
+    blocks = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_H") if k in config.kwargs)
+    return (*blocks, config.num_warps, config.num_stages)
+
+
+def prune_configs(kind, configs, named_args, **kwargs):
+    """The configurations of `configs` to try for this call, in order: TUNED's list for the
+    head dim (64: D <= 64, 128: D <= 128); above 128 (not in the compile report) the small
+    tiles; for float32 inputs single-stage small tiles only (exact fp32 dots run on FMA
+    units, and a pipelined dK/dV tile at D=256 asked for 533 KB of shared memory).  A list
+    with none of TUNED's configurations (the interpreter's) is kept as it is.  The
+    autotuner passes positional arguments (Q) as named_args and keywords (HEAD_DIM) as
+    kwargs; LIFT_KERNELS_TRITON_CONFIGS=N keeps the first N."""
     d = kwargs["HEAD_DIM"] if "HEAD_DIM" in kwargs else named_args["HEAD_DIM"]
-    kept = configs
-    if d > 64:
-        limit = 64 if d <= 128 else 32
-        kept = [c for c in kept
-                if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit
-                and (d <= 128 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs.get("BLOCK_H", 0) <= 32))]
-    q = named_args.get("Q")
+    if d <= 128:
+        by_key = {config_key(c): c for c in configs}
+        kept = [by_key[k] for k in TUNED[kind, 64 if d <= 64 else 128] if k in by_key]
+        kept = kept or configs
+    else:
+        kept = [c for c in configs if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 32
+                and c.kwargs["BLOCK_M"] <= 64 and c.kwargs.get("BLOCK_H", 0) <= 32]
+    q = named_args.get("Q", named_args.get("QROT"))  # the dK/dV kernel reads QROT
     if q is not None and q.dtype == torch.float32:
-        # Software-pipelined fp32 tiles overflow shared memory (a 3-stage dK/dV tile at
-        # D=256 asked for 533 KB): one stage.
         kept = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in kept
                 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
-    return kept or configs[-1:]
+    kept = kept or configs[-1:]
+    return kept[:_LIMIT] if _LIMIT > 0 else kept
 
 
 @triton.jit

@@ -185,4 +185,4 @@ def _fwd(
 
 FWD_KEY = ["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"]
 fwd_kernel = triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS})(triton.jit(_fwd))
-gated_attention_fwd_kernel = autotuned(fwd_kernel, configs("fwd"), FWD_KEY)
+gated_attention_fwd_kernel = autotuned(fwd_kernel, "fwd", configs("fwd"), FWD_KEY)
