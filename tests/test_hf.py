@@ -85,7 +85,7 @@ def test_memory_disabled_gives_original_logits(family):
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
 def test_closed_gate_reproduces_attention(family, padded):
     """With the gate shut (gate_shift=100: sigmoid(-300) = 0) the patched layers compute
-    only attention: the op's (no mask) or the exact path's (padding) must then equal the
+    only attention: the op's (no mask) or the packed op's (padding) must then equal the
     original model, which checks q/k projection, RoPE, GQA, scaling and the cache layout."""
     model = tiny_model(family)
     ids = tokens()
@@ -171,7 +171,7 @@ def test_backends_agree_on_cuda(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_path_agrees_with_op(family):
-    """An unpadded row of a padded batch (exact path) equals the same row alone (op)."""
+    """An unpadded row of a padded batch (packed path) equals the same row alone (op)."""
     model = tiny_model(family)
     lift_kernels.replace_attention(model, backend="reference")
     randomize_memory(model)

@@ -99,9 +99,12 @@ def _plain_causal(attention_mask, nq: int, nk: int, window_size) -> bool:
     nothing more (no padding, no empty cache slots), so the fused op computes exactly what
     the model's attention would.  None means plain causal attention (the model skipped
     building a mask), which agrees with the op when Nq == Nk or Nq == 1.  An eager float
-    mask counts when every entry is 0 (visible) or at most the dtype's lowest (masked)."""
+    mask counts when every entry is 0 (visible) or at most the dtype's lowest (masked).
+    Under torch.compile a mask tensor always takes the exact path."""
     if attention_mask is None:
         return nq == nk or nq == 1
+    if torch.compiler.is_compiling():
+        return False  # reading the mask would be a data-dependent branch in the graph
     if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
             or tuple(attention_mask.shape[-2:]) != (nq, nk) or attention_mask.shape[1] != 1):
         return False
