@@ -109,14 +109,16 @@ class GatedMemory(nn.Module):
         return self.w1, self.b1, self.w2, self.b2, self.g1, self.c1, self.g2
 
     def forward(self, q, k, v, *, cos=None, sin=None, causal=True, softmax_scale=None,
-                return_gate=False, backend="auto", deterministic=False, cu_seqlens_q=None,
-                cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, memory_index=None):
+                return_gate=False, backend="auto", deterministic=False, window_size=(-1, -1),
+                softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                max_seqlen_k=None, memory_index=None):
         """q: [B, Nq, Hq, D] pre-RoPE (or packed [total_q, Hq, D]); k, v: [B, Nk, Hkv, D]
         (or [total_k, Hkv, D]).  See gated_memory_attention."""
         return gated_memory_attention(
             q, k, v, *self.weights(), cos=cos, sin=sin, causal=causal,
             softmax_scale=softmax_scale, gate_scale=self.gate_scale, gate_shift=self.gate_shift,
             return_gate=return_gate, backend=backend, deterministic=deterministic,
+            window_size=window_size, softcap=softcap,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, memory_index=memory_index)
 

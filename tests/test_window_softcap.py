@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lift_kernels
-from lift_kernels import dispatch, gated_memory_attention
+from lift_kernels import GatedMemory, dispatch, gated_memory_attention
 from lift_kernels.ops.reference import visible_mask
 
 from helpers import NAMES, Case, check_against_oracle, make_inputs, rel_err, run
@@ -156,3 +156,20 @@ def test_bad_input_names_the_argument(kw, error, message):
     t = make_inputs(Case(nq=6, nk=6), 0)
     with pytest.raises(error, match=message):
         gated_memory_attention(*(t[n] for n in NAMES), cos=t["cos"], sin=t["sin"], **kw)
+
+
+def test_gated_memory_module_passes_window_and_softcap():
+    """GatedMemory.forward hands window_size and softcap to the op unchanged."""
+    mod = GatedMemory(4, 16)
+    with torch.no_grad():
+        mod.w2.normal_(0, 0.1)
+        mod.g2.normal_(0, 0.5)
+    t = make_inputs(Case(nq=11, nk=11), 0)
+    kw = dict(cos=t["cos"], sin=t["sin"], window_size=(3, 0), softcap=5.0, backend="reference")
+    out = mod(t["q"], t["k"], t["v"], **kw)
+    expected = gated_memory_attention(
+        t["q"], t["k"], t["v"], *mod.weights(), gate_scale=mod.gate_scale,
+        gate_shift=mod.gate_shift, **kw)
+    plain = mod(t["q"], t["k"], t["v"], cos=t["cos"], sin=t["sin"], backend="reference")
+    assert torch.equal(out, expected)
+    assert not torch.allclose(out, plain)  # the window and the cap changed the answer
