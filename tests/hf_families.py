@@ -69,3 +69,28 @@ def tiny_model(family, seed=0, **extra):
             if "proj" in name and p.dim() == 2:
                 p.normal_(0, 0.3)
     return model.eval()
+
+
+# Helpers the HF test files share.
+def randomize_memory(model, seed=1):
+    """Random memory (the default init has zero last layers, which would hide bugs in the
+    memory path) with gates spread over (0, 1)."""
+    import lift_kernels
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lift_kernels.memory_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def tokens(batch=2, n=13, seed=3):  # n > WINDOW: the windows matter
+    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits

@@ -17,6 +17,8 @@ import lift_kernels  # noqa: E402
 from lift_kernels import GatedMemoryConfig  # noqa: E402
 from lift_kernels.ops.reference import memory_mlp  # noqa: E402
 
+from hf_families import logits, randomize_memory, rel, tokens  # noqa: E402
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 64
 
@@ -37,28 +39,6 @@ def tiny_model(family, seed=0, **extra):
     torch.manual_seed(seed)
     config = tiny_config(family, **extra)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def randomize_memory(model, seed=1):
-    """Random memory (the default init has zero last layers, which would hide bugs in the
-    memory path) with gates spread over (0, 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lift_kernels.memory_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-
-def tokens(batch=2, n=13, seed=3):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def logits(model, ids, **kw):
-    with torch.no_grad():
-        return model(ids, **kw).logits
 
 
 def test_import_does_not_load_transformers():

@@ -18,32 +18,12 @@ from lift_kernels import GatedMemoryConfig  # noqa: E402
 from lift_kernels.hf import patch as hf_patch  # noqa: E402
 from lift_kernels.install import TRANSFORMERS_RANGE  # noqa: E402
 
-from hf_families import FAMILIES, VOCAB, WINDOW, WINDOWED, tiny_model  # noqa: E402
+from hf_families import (FAMILIES, WINDOW, WINDOWED, logits, randomize_memory,  # noqa: E402
+                         rel, tiny_model, tokens)
 from lift_tiny import one_thread  # noqa: E402,F401  (fixture: one torch thread per test)
 
 # The fused kernels where they are built, else the torch composite.
 FUSED = "cpu" if "cpu" in lift_kernels.available_backends() else "torch"
-N = 13  # longer than WINDOW: the windows matter
-
-
-def randomize_memory(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lift_kernels.memory_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-
-def tokens(batch=2, n=N, seed=3):
-    return torch.randint(3, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def logits(model, ids, **kw):
-    with torch.no_grad():
-        return model(ids, **kw).logits
 
 
 def shut_gates(model):
