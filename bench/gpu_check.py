@@ -463,7 +463,6 @@ def _kernel_table(prof, device) -> list:
 def phase_profile(plan, work, gate, budget_s) -> dict:
     """One torch.profiler pass (forward + backward, after a warm-up) per fused backend
     that passed the gate, at the longest timed sequence: profile.json and profile.txt."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     started = time.monotonic()

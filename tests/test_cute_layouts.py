@@ -8,7 +8,6 @@ _C has no CUDA part either)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 from pathlib import Path
