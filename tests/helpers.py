@@ -150,6 +150,13 @@ def check_against_oracle(backend: str, case: Case, seed: int = 0, tol: float | N
     ref_out, ref_gate, ref_grads = run("oracle", case, inputs, upcast=torch.float64)
     assert out.dtype == case.dtype and out.shape == ref_out.shape
     assert gate.dtype == torch.float32 and gate.shape == ref_gate.shape
+    assert_matches(f"{backend} on {case}", (out, gate, grads), (ref_out, ref_gate, ref_grads), tol)
+
+
+def assert_matches(what: str, result, expected, tol: float):
+    """Asserts (out, gate, grads) against the expected triple: every gradient present exactly
+    where expected, same shapes, finite, norm-relative error at most `tol`."""
+    (out, gate, grads), (ref_out, ref_gate, ref_grads) = result, expected
     problems = []
     for name, a, b in [("out", out, ref_out), ("gate", gate, ref_gate)] + [
             (f"d{n}", grads[n], ref_grads[n]) for n in NAMES]:
@@ -164,4 +171,4 @@ def check_against_oracle(backend: str, case: Case, seed: int = 0, tol: float | N
         err = rel_err(a, b)
         if err > tol:
             problems.append(f"{name}: rel err {err:.2e} > {tol:.0e}")
-    assert not problems, f"{backend} on {case}: " + "; ".join(problems)
+    assert not problems, f"{what}: " + "; ".join(problems)

@@ -14,7 +14,7 @@ import lift_kernels
 from lift_kernels import dispatch, gated_memory_attention
 
 import fake_fused_backend
-from helpers import NAMES, TOL, rel_err, rope_tables
+from helpers import NAMES, TOL, assert_matches, rel_err, rope_tables
 
 WEIGHTS = NAMES[3:]
 
@@ -157,19 +157,8 @@ def check_varlen(backend, case, seed=0):
     assert out.dtype == case.dtype and out.shape == t["q"].shape
     assert gate.shape == t["q"].shape[:-1] and gate.dtype == (
         torch.float64 if case.dtype == torch.float64 else torch.float32)
-    tol = TOL[case.dtype]
-    problems = []
-    for name, a, b in [("out", out, ref_out), ("gate", gate, ref_gate)] + [
-            (f"d{n}", grads[n], ref_grads[n]) for n in NAMES]:
-        if b is None:
-            assert a is None, f"{name}: gradient for an absent tensor"
-            continue
-        assert a is not None and a.shape == b.shape, name
-        if not torch.isfinite(a).all():
-            problems.append(f"{name}: non-finite")
-        elif rel_err(a, b) > tol:
-            problems.append(f"{name}: rel err {rel_err(a, b):.2e} > {tol:.0e}")
-    assert not problems, f"{backend} on {case}: " + "; ".join(problems)
+    assert_matches(f"{backend} on {case}", (out, gate, grads), (ref_out, ref_gate, ref_grads),
+                   TOL[case.dtype])
     if case.slots is not None:  # a slot no sequence reads gets exactly zero gradient
         for unused in set(range(case.num_slots)) - set(case.slots):
             for n in WEIGHTS:
