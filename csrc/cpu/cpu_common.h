@@ -3,9 +3,9 @@
 //
 // Speed without -march flags: the matrix multiplies (gemm.cpp) and the per-work-item
 // functions of fwd.cpp/bwd.cpp are compiled several times with LIFT_CPU_MULTIVERSION (GCC
-// function multiversioning: AVX-512, AVX2 and a baseline clone, picked at load time by the
-// CPU), and the element-wise helpers here are force-inlined into each clone, so one binary
-// runs everywhere and uses the widest vectors the machine has.
+// function multiversioning: AVX-512, x86-64-v3 (AVX2 with FMA) and a baseline clone, picked
+// at load time by the CPU), and the element-wise helpers here are force-inlined into each
+// clone, so one binary runs everywhere and uses the widest vectors the machine has.
 #pragma once
 
 #include <algorithm>
@@ -18,7 +18,8 @@
 
 #define LIFT_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LIFT_CPU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define LIFT_CPU_MULTIVERSION \
+  __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define LIFT_CPU_MULTIVERSION
 #endif
