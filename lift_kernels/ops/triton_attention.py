@@ -4,7 +4,9 @@ triton_bwd.py, their shared tile math and tuning configurations in triton_common
 
 Shapes: q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] (any strides); w1 [Hq, D, M], b1 [Hq, M],
 w2 [Hq, M, D], b2 [Hq, D], g1 [Hq, D, R], c1 [Hq, R], g2 [Hq, R]; cos/sin [B, Nq, D] float32
-(the batch stride may be 0) or None.
+(the batch stride may be 0) or None.  window_size=(left, right) (-1 unbounded) and
+softcap (0: off) as in dispatch.validate; the kernels specialise on both (constexpr flags),
+so calls without them run the plain kernels.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ def unsupported_reason(name, problem):
     """None when the Triton kernels can serve `problem` (a dispatch.Problem), else why not."""
     if triton is None:
         return "triton is not installed"
-    if getattr(problem, "windowed", False) or getattr(problem, "softcap", 0.0):
-        return "the triton kernels have no sliding window or soft-capping yet (issue 16)"
     device = problem.device.type
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1" or not INTERPRETED:
@@ -59,9 +59,23 @@ def _launch_args(q, k, v, cos, sin):
     return (*q.stride(), *k.stride(), *v.stride(), *_rope_strides(cos), *_rope_strides(sin))
 
 
-def _constants(q, w1, g1, causal):
+def _constants(q, w1, g1, causal, windowed):
     return dict(HEAD_DIM=q.shape[3], MEM_HIDDEN=w1.shape[2], GATE_HIDDEN=g1.shape[2],
-                CAUSAL=causal)
+                CAUSAL=causal, WINDOWED=windowed)
+
+
+def window_args(window_size, causal, nq, nk):
+    """(WINDOWED, left, right) for the kernels: WINDOWED when the window bounds more than
+    `causal` does; then causal makes right 0 and an unbounded (-1) side becomes nq + nk,
+    wider than any key offset, so the kernels need no case for it.  Without a window both
+    are 0 (unread)."""
+    left, right = window_size
+    if causal:
+        right = 0
+    if left < 0 and (causal or right < 0):
+        return False, 0, 0
+    unbounded = nq + nk
+    return True, (left if left >= 0 else unbounded), (right if right >= 0 else unbounded)
 
 
 def _new(shape, dtype, device):
@@ -74,11 +88,12 @@ def _contiguous(*tensors):
 
 
 def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
-            gate_shift):
+            gate_shift, window_size=(-1, -1), softcap=0.0):
     """-> (out [B, Nq, Hq, D] q's dtype, gate [B, Nq, Hq] float32, lse [B, Hq, Nq] float32,
     attn [B, Nq, Hq, D] q's dtype)."""
     batch, nq, hq, _ = q.shape
     nk, hkv = k.shape[1], k.shape[2]
+    windowed, left, right = window_args(window_size, causal, nq, nk)
     w1, b1, w2, b2, g1, c1, g2 = _contiguous(w1, b1, w2, b2, g1, c1, g2)
     out = _new(q.shape, q.dtype, q.device)
     attn = _new(q.shape, q.dtype, q.device)
@@ -91,18 +106,21 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
     gated_attention_fwd_kernel[grid](
         q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, out, attn, gate, lse,
         *_launch_args(q, k, v, cos, sin), nq, nk, hq, hq // hkv, scale, gate_scale, gate_shift,
-        seq_bucket(nq, nk), **_constants(q, w1, g1, causal))
+        left, right, float(softcap), seq_bucket(nq, nk),
+        **_constants(q, w1, g1, causal, windowed))
     return out, gate, lse, attn
 
 
-def _fixed_config(kind, q):
+def _fixed_config(kind, q, windowed):
     """The configuration deterministic mode uses: the first one autotuning would try."""
-    config = prune_configs(kind, configs(kind), {"Q": q}, HEAD_DIM=q.shape[3])[0]
+    config = prune_configs(kind, configs(kind), {"Q": q}, HEAD_DIM=q.shape[3],
+                           WINDOWED=windowed)[0]
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse, attn,
-             causal, scale, gate_scale, gate_shift, deterministic):
+             causal, scale, gate_scale, gate_shift, deterministic, window_size=(-1, -1),
+             softcap=0.0):
     """-> (dq, dk, dv, dw1, db1, dw2, db2, dg1, dc1, dg2), each in its input's dtype and shape,
     None for an absent bias.  dout [B, Nq, Hq, D]; dgate [B, Nq, Hq] or None."""
     batch, nq, hq, d = q.shape
@@ -111,7 +129,8 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     w1, b1, w2, b2, g1, c1, g2 = weights
     if dgate is not None:
         dgate = dgate.contiguous()
-    consts = _constants(q, w1, g1, causal)
+    windowed, left, right = window_args(window_size, causal, nq, nk)
+    consts = _constants(q, w1, g1, causal, windowed)
     strides = (*_launch_args(q, k, v, cos, sin), *dout.stride())
 
     # rowsum(dout * attn), lse' [B, Hq, Nq] and the rotated query [B, Hq, Nq, D]
@@ -128,10 +147,11 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     dk = _new(k.shape, k.dtype, k.device)
     dv = _new(v.shape, v.dtype, v.device)
     dkdv_args = (q_rot, k, v, dout, lse_bwd, do_attn, dk, dv, *k.stride(), *v.stride(),
-                 *dout.stride(), nq, nk, hq, hq // hkv, scale, seq_bucket(nq, nk))
-    dkdv_consts = dict(HEAD_DIM=d, CAUSAL=causal)
+                 *dout.stride(), nq, nk, hq, hq // hkv, scale, left, right, float(softcap),
+                 seq_bucket(nq, nk))
+    dkdv_consts = dict(HEAD_DIM=d, CAUSAL=causal, WINDOWED=windowed)
     if deterministic:
-        fixed = _fixed_config("dkdv", q)
+        fixed = _fixed_config("dkdv", q, windowed)
         dkdv_kernel[(batch * hkv, triton.cdiv(nk, fixed["BLOCK_N"]))](
             *dkdv_args, **dkdv_consts, **fixed)
     else:
@@ -150,9 +170,9 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     gz = _new((batch, hq, nq, r), torch.float32, q.device)
     dq_args = (q, q_rot, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, dout, dgate, gate, lse_bwd,
                do_attn, dq, hid, gact, ghid, gz, *strides, nq, nk, hq, hq // hkv, scale,
-               gate_scale, seq_bucket(nq, nk))
+               gate_scale, left, right, float(softcap), seq_bucket(nq, nk))
     if deterministic:
-        fixed = _fixed_config("dq", q)
+        fixed = _fixed_config("dq", q, windowed)
         dq_kernel[(batch * triton.cdiv(nq, fixed["BLOCK_M"]), hq)](*dq_args, **consts, **fixed)
     else:
         dq_kernel_tuned[lambda meta: (batch * triton.cdiv(nq, meta["BLOCK_M"]), hq)](

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, autotuned, causal_bounds, configs,
-    load_query, rope_partner)
+    ATTENTION_HEURISTICS, LOG2E, WEIGHT_HEURISTICS, WINDOW_ARGS, autotuned, band_blocks, configs,
+    in_window, key_blocks, load_query, rope_partner, skip_gap, tanh)
 from .triton_fwd import gate_hidden_tile
 
 
@@ -100,24 +100,43 @@ def _query_side(QROT, DO, LSE_BWD, DO_ATTN, b, h, start_m, offs_d, NQ, HQ,
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, QROT, DO, LSE_BWD, DO_ATTN, b, h, offs_n, offs_d, lo, hi,
-                 NQ, NK, HQ, qk_scale, stride_ob, stride_on, stride_oh, stride_od,
+                 GAP_AT, GAP, NQ, NK, HQ, LEFT, RIGHT, qk_scale, cap_scale, cap_log2,
+                 stride_ob, stride_on, stride_oh, stride_od,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                 MASKED: tl.constexpr, WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dK/dV contributions of query blocks [lo, hi) of head h, in the transposed layout
     (keys are rows): pT = exp2(k q^T * scale - lse'), dv += pT dO,
-    dk += pT * (v dO^T - delta') q (without the scale)."""
-    for start_m in range(lo, hi, BLOCK_M):
+    dk += pT * (v dO^T - delta') q (without the scale).  MASKED: the window's mask
+    (WINDOWED, over both edges of the band: triton_common.skip_gap) or the causal one.
+    Soft-capped scores t = tanh(k q^T * scale / cap) give pT = exp2(cap * log2(e) * t -
+    lse') and the extra chain factor 1 - t^2 on dS."""
+    for it in range(lo, hi, BLOCK_M):
+        start_m = it
+        if MASKED:
+            if WINDOWED:
+                start_m = skip_gap(it, GAP_AT, GAP)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_rot, do, lse, delta = _query_side(QROT, DO, LSE_BWD, DO_ATTN, b, h, start_m, offs_d,
                                             NQ, HQ, stride_ob, stride_on, stride_oh,
                                             stride_od, BLOCK_M, HEAD_DIM)
         s_t = tl.dot(k.to(DOT_DTYPE), tl.trans(q_rot).to(DOT_DTYPE), input_precision=PRECISION)
-        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        if HAS_SOFTCAP:
+            t_t = tanh(s_t * cap_scale)
+            p_t = tl.exp2(t_t * cap_log2 - lse[None, :])
+        else:
+            p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if MASKED:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (NK - NQ), p_t, 0.0)
+            if WINDOWED:
+                p_t = tl.where(in_window(offs_m[None, :], offs_n[:, None], NK - NQ, LEFT, RIGHT),
+                               p_t, 0.0)
+            else:
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (NK - NQ), p_t, 0.0)
         dv = tl.dot(p_t.to(DOT_DTYPE), do.to(DOT_DTYPE), dv, input_precision=PRECISION)
         dp_t = tl.dot(v.to(DOT_DTYPE), tl.trans(do).to(DOT_DTYPE), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(DOT_DTYPE), q_rot.to(DOT_DTYPE), dk, input_precision=PRECISION)
     return dk, dv
 
@@ -127,10 +146,11 @@ def _dkdv(QROT, K, V, DO, LSE_BWD, DO_ATTN, DK, DV,
           stride_vb, stride_vn, stride_vh, stride_vd,
           stride_ob, stride_on, stride_oh, stride_od,
           NQ, NK, HQ, GROUP, scale,
+          LEFT, RIGHT, SOFTCAP,  # window (triton_attention.window_args), soft-capping (0: off)
           SEQ_BUCKET,  # autotuning key only (triton_common.seq_bucket)
-          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+          HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     bkv = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_N
     hkv = HQ // GROUP
@@ -147,7 +167,14 @@ def _dkdv(QROT, K, V, DO, LSE_BWD, DO_ATTN, DK, DV,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_blocks_end = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
-    if CAUSAL:
+    if WINDOWED:
+        # Row i sees key j iff j - RIGHT <= i + NK - NQ <= j + LEFT: the rows that see some
+        # key of this block, and those that see all of them (triton_common.key_blocks).
+        first = start_n - (NK - NQ)
+        last = first + BLOCK_N - 1
+        lo, full_lo, full_hi, hi = band_blocks(first - RIGHT, last + LEFT + 1, last - RIGHT,
+                                               first + LEFT + 1, NQ, BLOCK_M)
+    elif CAUSAL:
         # Query i sees key j iff j <= i + NK - NQ: rows below `lo` see none of this block,
         # rows from `full_lo` on see all of it.
         lo = tl.maximum(start_n - (NK - NQ), 0) // BLOCK_M * BLOCK_M
@@ -157,31 +184,51 @@ def _dkdv(QROT, K, V, DO, LSE_BWD, DO_ATTN, DK, DV,
     else:
         lo = 0
         full_lo = 0
+    gap = 0
+    if WINDOWED:  # both edges of the band in one masked loop
+        gap = full_hi - full_lo
+        masked_hi = hi - gap
+    else:
+        full_hi = q_blocks_end
+        masked_hi = full_lo
     qk_scale = scale * LOG2E
+    cap_scale = scale  # scale / cap and cap * log2(e) when soft-capped (_dkdv_blocks)
+    cap_log2 = qk_scale
+    if HAS_SOFTCAP:
+        cap_scale = scale / SOFTCAP
+        cap_log2 = SOFTCAP * LOG2E
     for g in range(GROUP):
         h = kvh * GROUP + g
         dk, dv = _dkdv_blocks(dk, dv, k, v, QROT, DO, LSE_BWD, DO_ATTN, b, h, offs_n, offs_d,
-                              lo, full_lo, NQ, NK, HQ, qk_scale, stride_ob, stride_on,
-                              stride_oh, stride_od, HEAD_DIM, BLOCK_M, BLOCK_N, True,
+                              lo, masked_hi, full_lo, gap, NQ, NK, HQ, LEFT, RIGHT, qk_scale,
+                              cap_scale, cap_log2, stride_ob, stride_on, stride_oh, stride_od,
+                              HEAD_DIM, BLOCK_M, BLOCK_N, True, WINDOWED, HAS_SOFTCAP,
                               DOT_DTYPE, PRECISION)
         dk, dv = _dkdv_blocks(dk, dv, k, v, QROT, DO, LSE_BWD, DO_ATTN, b, h, offs_n, offs_d,
-                              full_lo, q_blocks_end, NQ, NK, HQ, qk_scale, stride_ob,
-                              stride_on, stride_oh, stride_od, HEAD_DIM, BLOCK_M, BLOCK_N,
-                              False, DOT_DTYPE, PRECISION)
+                              full_lo, full_hi, 0, 0, NQ, NK, HQ, LEFT, RIGHT, qk_scale,
+                              cap_scale, cap_log2, stride_ob, stride_on, stride_oh, stride_od,
+                              HEAD_DIM, BLOCK_M, BLOCK_N, False, WINDOWED, HAS_SOFTCAP,
+                              DOT_DTYPE, PRECISION)
     ptrs = ((b * NK + keys) * hkv + kvh)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dq_attention_blocks(dq, q_rot, do, lse, delta, Kh, Vh, offs_m, offs_d, lo, hi, NQ, NK,
-                         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """dq_rot += (p' * (dO v^T - delta')) k over key blocks [lo, hi), without the scale."""
+def _dq_attention_blocks(dq, q_rot, do, lse, delta, Kh, Vh, offs_m, offs_d, lo, hi, GAP_AT,
+                         GAP, NQ, NK, LEFT, RIGHT, stride_kn, stride_kd, stride_vn, stride_vd,
+                         qk_scale, cap_scale, cap_log2, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                         WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dq_rot += (p' * (dO v^T - delta')) k over key blocks [lo, hi), without the scale
+    (window edges and soft-capping as in _dkdv_blocks)."""
     d_ok = offs_d < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(lo, hi, BLOCK_N):
+        start_n = it
+        if MASKED:
+            if WINDOWED:
+                start_n = skip_gap(it, GAP_AT, GAP)
         keys = tl.arange(0, BLOCK_N)  # int32 offsets inside the block, int64 block start
         offs_n = start_n + keys
         Kb = Kh + tl.cast(start_n, tl.int64) * stride_kn
@@ -195,14 +242,23 @@ def _dq_attention_blocks(dq, q_rot, do, lse, delta, Kh, Vh, offs_m, offs_d, lo, 
         vt = tl.load(Vb + keys[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q_rot.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=PRECISION)
-        p = tl.exp2(s * qk_scale - lse[:, None])
+        if HAS_SOFTCAP:
+            t = tanh(s * cap_scale)
+            p = tl.exp2(t * cap_log2 - lse[:, None])
+        else:
+            p = tl.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             visible = n_ok[None, :]
-            if CAUSAL:
+            if WINDOWED:
+                visible = visible & in_window(offs_m[:, None], offs_n[None, :], NK - NQ, LEFT,
+                                              RIGHT)
+            elif CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do.to(DOT_DTYPE), vt.to(DOT_DTYPE), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(DOT_DTYPE), tl.trans(kt).to(DOT_DTYPE), dq, input_precision=PRECISION)
     return dq
 
@@ -255,13 +311,15 @@ def _dq(Q, QROT, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LS
         stride_cb, stride_cn, stride_cd, stride_sb, stride_sn, stride_sd,
         stride_ob, stride_on, stride_oh, stride_od,
         NQ, NK, HQ, GROUP, scale, gate_scale,
+        LEFT, RIGHT, SOFTCAP,  # window (triton_attention.window_args), soft-capping (0: off)
         SEQ_BUCKET,  # autotuning key only (triton_common.seq_bucket)
         HEAD_DIM: tl.constexpr, MEM_HIDDEN: tl.constexpr, GATE_HIDDEN: tl.constexpr,
-        CAUSAL: tl.constexpr,
+        CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_C1: tl.constexpr,
-        HAS_DGATE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_DGATE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr):
     h = tl.program_id(1).to(tl.int64)
     kvh = h // GROUP
     offs_d = tl.arange(0, BLOCK_D)
@@ -283,16 +341,29 @@ def _dq(Q, QROT, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LS
                                         BLOCK_M, HEAD_DIM)
     Kh = K + b * stride_kb + kvh * stride_kh
     Vh = V + b * stride_vb + kvh * stride_vh
-    full_end, end = causal_bounds(start_m, NQ, NK, BLOCK_M, BLOCK_N, CAUSAL)
+    cap_scale = scale  # scale / cap and cap * log2(e) when soft-capped (_dkdv_blocks)
+    cap_log2 = qk_scale
+    if HAS_SOFTCAP:
+        cap_scale = scale / SOFTCAP
+        cap_log2 = SOFTCAP * LOG2E
+    lo, full_lo, full_hi, hi = key_blocks(start_m, NQ, NK, LEFT, RIGHT, BLOCK_M, BLOCK_N,
+                                          CAUSAL, WINDOWED)
     dq_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_rot = _dq_attention_blocks(dq_rot, q_rot, do, lse, delta, Kh, Vh, offs_m, offs_d,
-                                  0, full_end, NQ, NK, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, False,
-                                  CAUSAL, DOT_DTYPE, PRECISION)
+                                  full_lo, full_hi, 0, 0, NQ, NK, LEFT, RIGHT, stride_kn,
+                                  stride_kd, stride_vn, stride_vd, qk_scale, cap_scale,
+                                  cap_log2, HEAD_DIM, BLOCK_M, BLOCK_N, False, CAUSAL,
+                                  WINDOWED, HAS_SOFTCAP, DOT_DTYPE, PRECISION)
+    gap = full_hi - full_lo
+    if WINDOWED:  # both edges of the window in one masked loop
+        hi = hi - gap
+    else:
+        lo = full_hi
     dq_rot = _dq_attention_blocks(dq_rot, q_rot, do, lse, delta, Kh, Vh, offs_m, offs_d,
-                                  full_end, end, NQ, NK, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True,
-                                  CAUSAL, DOT_DTYPE, PRECISION)
+                                  lo, hi, full_lo, gap, NQ, NK, LEFT, RIGHT, stride_kn,
+                                  stride_kd, stride_vn, stride_vd, qk_scale, cap_scale,
+                                  cap_log2, HEAD_DIM, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOWED,
+                                  HAS_SOFTCAP, DOT_DTYPE, PRECISION)
     dq_rot = dq_rot * scale
     if HAS_ROPE:
         # q_rot = q*cos + rotate_half(q)*sin, so dq = dq_rot*cos + rotate_half^T(dq_rot*sin)
@@ -347,16 +418,17 @@ def _dq(Q, QROT, K, V, W1, B1, W2, B2, G1, C1, G2, COS, SIN, DO, DGATE, GATE, LS
              mask=tile_ok)
 
 
-DKDV_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL"]
-DQ_KEY = ["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL"]
+DKDV_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL", "WINDOWED", "SOFTCAP"]
+DQ_KEY = ["SEQ_BUCKET", "HEAD_DIM", "MEM_HIDDEN", "CAUSAL", "WINDOWED", "SOFTCAP"]
 # The plain kernels (fixed configuration: deterministic mode, where the tile sizes must not
 # depend on timing) and their autotuned twins (default mode).
 # The dK/dV kernel reads the rotated query (QROT) where the others read Q.
 dkdv_kernel = triton.heuristics({
-    name: ATTENTION_HEURISTICS[name] if name == "BLOCK_D" else
-    (lambda a, rule=ATTENTION_HEURISTICS[name]: rule({"Q": a["QROT"]}))
-    for name in ("BLOCK_D", "DOT_DTYPE", "PRECISION")})(triton.jit(_dkdv))
+    name: (lambda a, rule=ATTENTION_HEURISTICS[name]: rule({**a, "Q": a["QROT"]}))
+    for name in ("BLOCK_D", "DOT_DTYPE", "PRECISION", "HAS_SOFTCAP")})(
+    triton.jit(_dkdv, do_not_specialize=WINDOW_ARGS))
 dq_kernel = triton.heuristics({**ATTENTION_HEURISTICS, **WEIGHT_HEURISTICS,
-                               "HAS_DGATE": lambda a: a["DGATE"] is not None})(triton.jit(_dq))
+                               "HAS_DGATE": lambda a: a["DGATE"] is not None})(
+    triton.jit(_dq, do_not_specialize=WINDOW_ARGS))
 dkdv_kernel_tuned = autotuned(dkdv_kernel, "dkdv", configs("dkdv"), DKDV_KEY)
 dq_kernel_tuned = autotuned(dq_kernel, "dq", configs("dq"), DQ_KEY)
