@@ -2,7 +2,7 @@
 with no GPU, through bench/triton_compile.py: the configuration each kernel uses first (and
 the one deterministic mode uses, untimed) must launch (shared memory) and reload no spilled
 value inside its hot loops, at the benchmark's shape, bf16, head dims 64 and 128, and so must
-the sliding-window, soft-capped specialisation at head dim 128.
+the sliding-window, soft-capped specialisation and the packed-sequence one at head dim 128.
 
 Run in a child process: tests/conftest.py turns on the interpreter, and triton decides per
 kernel at definition time.  `make test-triton-lane` runs this file again under Triton 3.6
@@ -77,3 +77,10 @@ def test_windowed_softcapped_configs_compile_clean_for_sm90(tmp_path):
     here 1024 at the 4096-token shape, so whole key blocks are skipped)."""
     rows = _first_configs_sm90(tmp_path, (128,), "--window", "1024", "--softcap", "50")
     assert all(r["window"] == 1024 and r["softcap"] == 50.0 for r in rows)
+
+
+def test_packed_sequence_configs_compile_clean_for_sm90(tmp_path):
+    """The packed-sequence specialisation (cu_seqlens; its programs past a sequence's end
+    return early) at head dim 128."""
+    rows = _first_configs_sm90(tmp_path, (128,), "--varlen")
+    assert all(r["varlen"] for r in rows)

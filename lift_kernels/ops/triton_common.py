@@ -55,6 +55,7 @@ ATTENTION_HEURISTICS = {
     "DOT_DTYPE": dot_dtype,
     "PRECISION": dot_precision,
     "HAS_SOFTCAP": lambda a: a["SOFTCAP"] > 0,
+    "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 }
 # The window's bounds are runtime ints that vary with the shapes (an unbounded side is
 # Nq + Nk): not specialised on (divisibility by 16, == 1), so they add no compiles.
@@ -65,6 +66,7 @@ WEIGHT_HEURISTICS = {
     "HAS_B1": lambda a: a["B1"] is not None,
     "HAS_B2": lambda a: a["B2"] is not None,
     "HAS_C1": lambda a: a["C1"] is not None,
+    "HAS_SLOTS": lambda a: a["SLOTS"] is not None,
 }
 
 
@@ -200,6 +202,30 @@ def prune_configs(kind, configs, named_args, **kwargs):
                 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
     kept = kept or configs[-1:]
     return kept[:_LIMIT] if _LIMIT > 0 else kept
+
+
+@triton.jit
+def sequence(CU_Q, CU_K, SLOTS, b, NQ, NK, IS_VARLEN: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """Where program index b's sequence lies, as (batch, q0, k0, nq, nk, slot): packed input
+    (IS_VARLEN, buffers [1, total, ...]): batch 0, the sequence's first query and key rows
+    q0, k0 (int64, from cu_seqlens) and its lengths nq, nk (int32); else batch b, 0, 0, NQ,
+    NK.  slot: the sequence's memory slot SLOTS[b] (HAS_SLOTS), else 0."""
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        nq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        nk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        batch = b * 0
+    else:
+        q0 = 0
+        k0 = 0
+        nq = NQ
+        nk = NK
+        batch = b
+    slot = 0
+    if HAS_SLOTS:
+        slot = tl.load(SLOTS + b).to(tl.int64)
+    return batch, q0, k0, nq, nk, slot
 
 
 @triton.jit
