@@ -662,8 +662,10 @@ def cmd_prewarm(args) -> int:
 
 def cmd_sanitize_target(args) -> int:
     """Small cases through the `cuda` backend (`cpu` with --dry), forward and backward:
-    the program compute-sanitizer runs (memcheck, racecheck).  Ragged sizes, GQA and MQA,
-    Nq != Nk, biases, both head dims, deterministic mode."""
+    the program compute-sanitizer runs (memcheck, racecheck, synccheck).  Ragged sizes, GQA
+    and MQA, Nq != Nk (rows that see no key), biases, both head dims, deterministic mode;
+    the backward's dK/dV kernel streams several query tiles of several heads per key block
+    (its two-stage pipeline) and its dQ kernel several key blocks."""
     import torch
     from lift_kernels.benchmark import Shape
 
@@ -737,7 +739,8 @@ def summarize(work) -> tuple:
                                r"\d+ (passed|failed|skipped|errors?|tests? collected)|"
                                r"no tests ran|collected")
              for name in ("triton_tests", "cuda_tests")}
-    sanitizer = {tool: _sanitizer_result(work / f"{tool}.log") for tool in ("memcheck", "racecheck")}
+    sanitizer = {tool: _sanitizer_result(work / f"{tool}.log")
+                 for tool in ("memcheck", "racecheck", "synccheck")}
 
     md = [f"# gpu_check {env.get('date', '?')}", "",
           f"{env.get('device_name', '?')}; torch {env.get('torch', '?')}, triton "

@@ -14,8 +14,9 @@
 #                        configuration at the gate's shapes into Triton's disk cache T_PREWARM=120
 #         triton_tests   a curated GPU subset of tests/test_triton.py, pytest -n     T_TESTS=90
 #   ~130  cuda_tests bg  tests/test_cuda.py, pytest -n                               T_CUDA_TESTS=50
-#         memcheck,  bg  compute-sanitizer on the cuda backend at tiny shapes        T_SANITIZER=40
-#         racecheck
+#         memcheck,  bg  compute-sanitizer on the cuda backend (forward and the      T_SANITIZER=40
+#         racecheck,     three backward kernels) at tiny shapes
+#         synccheck
 #   ~180  measure        one process with the GPU to itself (bench/gpu_check.py):    T_MEASURE=170
 #                        the correctness gate at the benchmark shape, B=4 Hq=32 Hkv=8
 #                        D=128 bf16, N=4096 and 16384 (triton, cuda vs a float32 run,
@@ -190,7 +191,7 @@ finish build
 if [ $DRY -eq 1 ]; then
   start cuda_tests "$T_CUDA_TESTS" "$WORK/cuda_tests.log" env -u TRITON_INTERPRET \
     LIFT_TEST_DEVICE=cuda "${PYTEST[@]}" --collect-only tests/test_cuda.py
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     start "$tool" "$T_SANITIZER" "$WORK/$tool.log" bash -c "
       echo 'dry: compute-sanitizer --tool $tool not run; the program it wraps runs alone:'
       \"\$PY\" bench/gpu_check.py sanitize-target --dry"
@@ -198,7 +199,7 @@ if [ $DRY -eq 1 ]; then
 else
   start cuda_tests "$T_CUDA_TESTS" "$WORK/cuda_tests.log" env LIFT_TEST_DEVICE=cuda \
     LIFT_KERNELS_TRITON_CONFIGS=1 "${PYTEST[@]}" "${CUDA_XDIST_ARGS[@]}" tests/test_cuda.py
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     if command -v compute-sanitizer >/dev/null; then
       start "$tool" "$T_SANITIZER" "$WORK/$tool.log" compute-sanitizer --tool "$tool" \
         --error-exitcode 17 --print-limit 20 "$PY" bench/gpu_check.py sanitize-target
@@ -210,6 +211,7 @@ fi
 finish cuda_tests
 finish memcheck
 finish racecheck
+finish synccheck
 
 # Without the prewarmed binaries the gate would compile every configuration one after
 # another (minutes): then autotuning gets the first few only, and the summary says so.

@@ -204,6 +204,14 @@ LIFT_HD float softmax_lse(float m, float l) {
   return l > 0.f ? m + std::log(l) : -INFINITY;
 }
 
+// The backward's row statistic with the gate folded in: p' = (1 - g) p = exp(s - lse') for
+// lse' = lse - log(1 - g), so the attention's gradient reads dout itself, not (1 - g) dout
+// (FA2's formulas with delta' = rowsum(dout * attn)).  +inf (p' = 0) for a row that sees no
+// key (lse = -inf) or has g = 1.  Natural log; the CUDA kernels use lse' log2(e).
+LIFT_HD float lse_fold_gate(float lse, float gate) {
+  return lse == -INFINITY ? INFINITY : lse - std::log(1.f - gate);
+}
+
 // Bottom-right causal mask: query i sees key j iff j <= i + nk - nq.
 LIFT_HD bool causal_visible(int64_t i, int64_t j, int64_t nq, int64_t nk) {
   return j <= i + nk - nq;

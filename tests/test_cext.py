@@ -45,6 +45,8 @@ GRID = {
     "scales": BASE.but(softmax_scale=0.3, gate_scale=2.0, gate_shift=-0.5),
     "tiles": BASE.but(batch=1, nq=150, nk=150, hq=2, hkv=1, head_dim=64, bias=True),
     "tiles_offset": BASE.but(batch=1, nq=100, nk=190, hq=2, hkv=2, head_dim=32),
+    # gate exactly 1 (float32 and float64): the attention gets no gradient, lse' = +inf
+    "gate_one": BASE.but(gate_shift=-60.0, bias=True),
 }
 
 
@@ -119,6 +121,19 @@ def test_cpu_lse_and_empty_rows():
     visible = torch.arange(5)[None, :] <= torch.arange(12)[:, None] - 7
     want = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)[:, :, 7:]
     assert torch.allclose(lse[:, :, 7:].double(), want, atol=1e-5)
+
+
+def test_rows_16b_aligned():
+    """The CUDA kernels copy rows with 16-byte cp.async: cext copies a tensor whose data
+    pointer or row/head/batch stride is not 16-byte aligned, and leaves aligned ones alone."""
+    t = torch.zeros(2, 5, 3, 64, dtype=torch.bfloat16)
+    assert cext._rows_16b_aligned(t) is t
+    offset = torch.arange(2 * 5 * 3 * 64 + 1, dtype=torch.float32).to(torch.bfloat16)[1:]
+    for bad in (offset.view(2, 5, 3, 64),  # data pointer 2 bytes past an aligned one
+                torch.zeros(2, 5, 3, 68, dtype=torch.bfloat16)[..., :64]):  # 136-byte heads
+        fixed = cext._rows_16b_aligned(bad)
+        assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, bad)
+        assert all(st * 2 % 16 == 0 for st in fixed.stride()[:-1])
 
 
 def test_cpu_unsupported_reasons():

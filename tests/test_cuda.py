@@ -38,6 +38,10 @@ GRID = {
     # a custom scale, MQA at D=128 without RoPE
     "ragged_edges": BASE.but(nq=129, nk=65, mem_hidden=192, bias=True, softmax_scale=0.3),
     "mqa_d128_no_rope": BASE.but(hq=4, hkv=1, head_dim=128, rope=False, nq=64, nk=191),
+    # the backward: gate exactly 1 (lse' = +inf, no attention gradient); the dK/dV kernel's
+    # pipeline over several query tiles of several heads per key block, D=128 (32-row tiles)
+    "gate_one": BASE.but(gate_shift=-60.0, bias=True),
+    "gqa_d128_tiles": BASE.but(batch=1, nq=300, nk=257, hq=8, hkv=2, head_dim=128),
 }
 
 

@@ -1,8 +1,10 @@
-"""Host-side proofs of the CUDA forward's CuTe layouts, without a GPU: tests/cute_host/
-layouts.cpp (fragment coordinates, the score -> P register reuse being an identity,
-bank-conflict-free shared-memory accesses per warp, exact tile coverage of ragged edges and
-of the causal key-block split), compiled host-only by nvcc against csrc/cuda/kernel_traits.h
-and the nvidia-cutlass headers, and run.  Skipped where nvcc or the headers are absent (then
+"""Host-side proofs of the CUDA forward's and backward's CuTe layouts, without a GPU:
+tests/cute_host/layouts.cpp (fragment coordinates, the accumulator -> A operand register
+reuse (P; the backward's P'^T and dS^T) being an identity, bank-conflict-free shared-memory
+accesses per warp including the backward's transposed ldmatrix reads, exact tile coverage of
+ragged edges, the causal key-block split and the dK/dV kernel's query-tile range against
+brute force, the dQ epilogue's RoPE pairs in one thread), compiled host-only by nvcc
+against csrc/cuda/kernel_traits.h, bwd_traits.h and the nvidia-cutlass headers, and run.  Skipped where nvcc or the headers are absent (then
 _C has no CUDA part either)."""
 
 from __future__ import annotations
@@ -39,4 +41,5 @@ def test_cute_layouts_on_host(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("ok "), result.stdout
     for config in ("D=64 fp16", "D=128 fp16", "D=64 bf16", "D=128 bf16"):
-        assert config in result.stdout
+        assert f"{config}: smem" in result.stdout
+        assert f"{config} backward:" in result.stdout

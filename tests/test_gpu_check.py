@@ -94,7 +94,7 @@ def test_dry_run_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     phases = {p["phase"]: p["status"] for p in summary["phases"]}
     assert set(phases) >= {"env", "build", "prewarm", "triton_tests", "cuda_tests", "memcheck",
-                           "racecheck", "gate", "timing", "profile", "registers", "measure"}
+                           "racecheck", "synccheck", "gate", "timing", "profile", "registers", "measure"}
     assert set(phases.values()) == {"ok"}, phases
     # The GPU selection, collected as the GPU run sees it (the GPU-only shapes are in it).
     for name, least in (("triton_tests", 10), ("cuda_tests", 10)):
@@ -108,7 +108,7 @@ def test_dry_run_end_to_end(tmp_path):
         assert status[(backend, 24)] == "ok" and status[(backend, 16)] == "ok", status
     assert status[("cudnn", 24)] == "unsupported"
     assert set(summary["profile"]) == {"triton", "cpu"} and summary["profile"]["cpu"]
-    for tool in ("memcheck", "racecheck"):
+    for tool in ("memcheck", "racecheck", "synccheck"):
         assert summary["sanitizer"][tool].startswith("dry:")
         assert "3 cases ran" in summary["sanitizer"][tool], summary["sanitizer"]
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
@@ -116,7 +116,7 @@ def test_dry_run_end_to_end(tmp_path):
         collected = tar.extractfile("gpu_check/triton_tests.log").read().decode()
     assert "test_matches_reference[gpu-" in collected
     assert names >= {"env.json", "env.log", "build.log", "prewarm.log", "triton_tests.log",
-                     "cuda_tests.log", "memcheck.log", "racecheck.log", "measure.log",
+                     "cuda_tests.log", "memcheck.log", "racecheck.log", "synccheck.log", "measure.log",
                      "gate.json", "timing.json", "timing.txt", "profile.txt",
                      "triton_kernels.json", "phases.jsonl"}
     assert "Correctness gate" in (out / "summary.md").read_text()

@@ -1,10 +1,13 @@
 // CPU backward of gated-memory attention, the FlashAttention-2 backward with the memory and
-// gate branches (the same per-tile math as csrc/cuda/bwd.cu):
-//   1. per query tile (the "preprocess"): recompute the memory MLP, split dout into
-//      d(attn) = dout (1 - g) and d(mem) = dout g, delta = rowsum(d(attn) * attn), the gate's
-//      gradient, and the memory/gate branches' gradients (weights and their share of dq);
-//   2. per key block, over the query tiles that see it: recompute P = exp(S - lse) and
-//      accumulate dV, dK in registers-sized tiles and dQ in the head's own buffer;
+// gate branches (the same per-tile math as csrc/cuda/bwd_kernel.cuh):
+//   1. per query tile (the "preprocess"): recompute the memory MLP, d(mem) = dout g, the
+//      gate's gradient, the memory/gate branches' gradients (weights and their share of dq),
+//      and the attention's row statistics with the gate folded into the probabilities:
+//      p' = (1 - g) p = exp(S - lse'), lse' = lse - log(1 - g) (lse_fold_gate), so that
+//      FA2's formulas hold with dout itself and delta' = rowsum(dout * attn);
+//   2. per key block, over the query tiles that see it: recompute P' = exp(S - lse'),
+//      dV += P'^T dout, dS = P' (dout V^T - delta'), dK += dS^T Q (in registers-sized tiles)
+//      and dQ += dS K in the head's own buffer;
 //   3. dq = the branches' share + RoPE^T(scale * dQ).
 // Work item = (sequence, query head): a batch element, or a packed sequence with its own
 // rows, lengths and memory slot.  dq belongs to one item; dK/dV (shared by the query heads
@@ -39,16 +42,16 @@ struct Partials {
 };
 
 // One work item's buffers: per query row of the head (padded to whole tiles) the scaled
-// rotated query qs, d(attn) da, both also transposed per tile ([Dp][kBM]), delta, lse, dQ
+// rotated query qs, dout dO, both also transposed per tile ([Dp][kBM]), delta', lse', dQ
 // of the attention (dqr) and of the branches (dqd); plus one tile's temporaries.
 struct BwdScratch {
   int64_t nblocks;
-  std::vector<float> qs, qst, da, dat, delta, lse, dqr, dqd;
+  std::vector<float> qs, qst, dO, dOt, delta, lse, dqr, dqd;
   std::vector<float> qf, dout, attn, h1, a1, mem, dmem, da1, hg, dhg, dlogit;
   std::vector<float> st, dpt, slope, dk, dv;
   BwdScratch(const Sequence& seq, const AttnParams& p, const PackedWeights& w)
       : nblocks((seq.nq + kBM - 1) / kBM),
-        qs(nblocks * kBM * w.dp), qst(qs.size()), da(qs.size()), dat(qs.size()),
+        qs(nblocks * kBM * w.dp), qst(qs.size()), dO(qs.size()), dOt(qs.size()),
         delta(nblocks * kBM), lse(nblocks * kBM), dqr(qs.size()), dqd(qs.size()),
         qf(kBM * w.dp), dout(kBM * w.dp), attn(kBM * w.dp), h1(kBM * w.mp), a1(kBM * w.mp),
         mem(kBM * w.dp), dmem(kBM * w.dp), da1(kBM * w.mp), hg(kBM * w.rp), dhg(kBM * w.rp),
@@ -87,8 +90,8 @@ LIFT_INLINE void query_tile(const AttnParams& p, const PackedWeights& w, const S
   for (int r = 0; r < kBM; ++r)
     for (int c = 0; c < rp; ++c) s.hg[r * rp + c] += c1[c];
 
-  // Split dout between the branches; the gate's gradient; delta.
-  float* da = s.da.data() + i0 * dp;
+  // d(mem) = dout g; the gate's gradient; the attention's dout, delta' and lse'.
+  float* dO = s.dO.data() + i0 * dp;
   for (int r = 0; r < kBM; ++r) {
     const int64_t row = (seq.q_row + i0 + r) * p.hq + h;
     const float g = r < rows ? p.gate[row] : 0.f;
@@ -97,14 +100,14 @@ LIFT_INLINE void query_tile(const AttnParams& p, const PackedWeights& w, const S
       const float dout = s.dout[r * dp + c], attn = s.attn[r * dp + c];
       dgate += dout * (s.mem[r * dp + c] + b2[c] - attn);
       s.dmem[r * dp + c] = dout * g;
-      da[r * dp + c] = dout - dout * g;
-      delta += da[r * dp + c] * attn;
+      dO[r * dp + c] = dout;
+      delta += dout * attn;
     }
     s.dlogit[r] = r < rows ? dgate * gate_logit_grad(g, p.gate_scale) : 0.f;
     s.delta[i0 + r] = delta;
-    const float lse = r < rows ? p.lse[seq.lse_off + h * seq.lse_head_stride + i0 + r] : -INFINITY;
-    // A row that sees no key has P = 0: exp(S - (+inf)) = 0.
-    s.lse[i0 + r] = lse == -INFINITY ? INFINITY : lse;
+    // A row that sees no key, a padding row, or g = 1 has P' = 0: exp(S - (+inf)) = 0.
+    s.lse[i0 + r] = r < rows
+        ? lse_fold_gate(p.lse[seq.lse_off + h * seq.lse_head_stride + i0 + r], g) : INFINITY;
   }
 
   // Memory branch: dW2, db2, then through silu to dW1, db1 and dq.
@@ -133,10 +136,10 @@ LIFT_INLINE void query_tile(const AttnParams& p, const PackedWeights& w, const S
   gemm_tn(dp, rp, kBM, s.qf.data(), dp, s.dhg.data(), rp, dg1, rp, true);
   gemm_nn(kBM, dp, rp, s.dhg.data(), rp, w.G1t(mh), dp, dqd, dp, true);
 
-  // The scaled rotated query and d(attn), row-major and transposed per tile.
+  // The scaled rotated query and dout, row-major and transposed per tile.
   float* qs = s.qs.data() + i0 * dp;
   float* qst = s.qst.data() + blk * dp * kBM;
-  float* dat = s.dat.data() + blk * dp * kBM;
+  float* dOt = s.dOt.data() + blk * dp * kBM;
   for (int r = 0; r < kBM; ++r) {
     const float* x = s.qf.data() + r * dp;
     for (int e = 0; e < dp; ++e) {
@@ -147,7 +150,7 @@ LIFT_INLINE void query_tile(const AttnParams& p, const PackedWeights& w, const S
       }
       qs[r * dp + e] = y * p.scale;
       qst[e * kBM + r] = y * p.scale;
-      dat[e * kBM + r] = da[r * dp + e];
+      dOt[e * kBM + r] = dO[r * dp + e];
     }
   }
 }
@@ -176,18 +179,18 @@ LIFT_INLINE void key_block(const AttnParams& p, const Sequence& seq, const float
     gemm_nn(cols, kBM, dp, Kj, dp, s.qst.data() + blk * dp * kBM, kBM, st, kBM, false);
     if (slope) softcap_scores(p.softcap, st, cols * kBM, slope);
     mask_scores(p, seq, i0, kBM, j0, cols, st);
-    gemm_nn(cols, kBM, dp, Vj, dp, s.dat.data() + blk * dp * kBM, kBM, dpt, kBM, false);
+    gemm_nn(cols, kBM, dp, Vj, dp, s.dOt.data() + blk * dp * kBM, kBM, dpt, kBM, false);
     const float* lse = s.lse.data() + i0;
     const float* delta = s.delta.data() + i0;
     for (int jj = 0; jj < cols; ++jj)
       for (int r = 0; r < kBM; ++r) {
-        const float prob = exp_neg(st[jj * kBM + r] - lse[r]);
+        const float prob = exp_neg(st[jj * kBM + r] - lse[r]);  // P' = (1 - g) P
         st[jj * kBM + r] = prob;
         dpt[jj * kBM + r] = prob * (dpt[jj * kBM + r] - delta[r]);  // dS
       }
     if (slope)  // through the soft-capping: dS of the scaled scores
       for (int i = 0; i < cols * kBM; ++i) dpt[i] *= slope[i];
-    gemm_nn(cols, dp, kBM, st, kBM, s.da.data() + i0 * dp, dp, s.dv.data(), dp, true);
+    gemm_nn(cols, dp, kBM, st, kBM, s.dO.data() + i0 * dp, dp, s.dv.data(), dp, true);
     gemm_nn(cols, dp, kBM, dpt, kBM, s.qs.data() + i0 * dp, dp, s.dk.data(), dp, true);
     gemm_tn(kBM, dp, cols, dpt, kBM, Kj, dp, s.dqr.data() + i0 * dp, dp, true);
   }

@@ -1,5 +1,5 @@
-// Device building blocks shared by the CUDA forward and backward: tile sizes, error checks,
-// global <-> shared tile copies, and a block-wide tensor-core (WMMA) tile multiply.
+// Device building blocks of the CUDA kernels: tile sizes, error checks, and the WMMA helpers
+// of the backward's preprocess (bwd_preprocess.cuh; the CuTe kernels use kernel_traits.h).
 //
 // A thread block is 4 warps and works on 64-row tiles.  Operands live in shared memory in
 // the 16-bit input type T (half or bfloat16); products accumulate in float32.  Offsets into
@@ -103,53 +103,6 @@ __device__ __forceinline__ void block_mma(const T* A, int lda, const T* B, int l
       wmma::mma_sync(acc, a, b, acc);
     }
     wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
-  }
-}
-
-// A warp's accumulator rows [16 w, 16 w + 16) x all D columns, kept in registers across a
-// loop (FA2's dK/dV and dQ accumulators): acc[t] += op(A)[16 rows][KT] @ B[KT][16 t ..].
-template <class T, int D, int KT, class LayoutA>
-__device__ __forceinline__ void warp_rows_mma(
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[D / 16],
-    const T* A, int lda, const T* B, int ldb) {
-  using namespace nvcuda;
-  const int warp = threadIdx.x / 32;
-  constexpr bool a_row = std::is_same<LayoutA, wmma::row_major>::value;
-#pragma unroll
-  for (int k = 0; k < KT / 16; ++k) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> a;
-    wmma::load_matrix_sync(a, a_row ? A + warp * 16 * lda + k * 16 : A + k * 16 * lda + warp * 16,
-                           lda);
-#pragma unroll
-    for (int t = 0; t < D / 16; ++t) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-      wmma::load_matrix_sync(b, B + k * 16 * ldb + t * 16, ldb);
-      wmma::mma_sync(acc[t], a, b, acc[t]);
-    }
-  }
-}
-
-// Loads the query tile rotated by RoPE (HF rotate_half) into shared memory as T; rows >= nq
-// are zero.  q_base points at (batch b, head h).
-template <class T, int D>
-__device__ __forceinline__ void load_rotated_q(const AttnParams& p, const T* q, int64_t q_base,
-                                               int64_t b, int64_t row0, T* dst) {
-  for (int idx = threadIdx.x; idx < kTile * D; idx += kThreads) {
-    const int r = idx / D, c = idx % D;
-    const int64_t row = row0 + r;
-    float y = 0.f;
-    if (row < p.nq) {
-      const T* x = q + q_base + row * p.q_stride.row;
-      if (p.cos) {
-        const int64_t off = b * p.rope_batch_stride + row * p.rope_row_stride;
-        const float xe = to_float(x[c]);
-        const float rot = c < D / 2 ? -to_float(x[c + D / 2]) : to_float(x[c - D / 2]);
-        y = xe * p.cos[off + c] + rot * p.sin[off + c];
-      } else {
-        y = to_float(x[c]);
-      }
-    }
-    dst[idx] = from_float<T>(y);
   }
 }
 

@@ -1,9 +1,9 @@
 // Host entry points of the CUDA kernels (compiled by nvcc, called from bindings.cpp).
 //
 // The kernels are templates over the 16-bit type T and the head dim D; LIFT_CUDA_CONFIGS
-// lists the instantiations once: the backward's explicit instantiations (bwd.cu) and the
-// run-time dispatch (launch.cu) expand it; the forward has one translation unit per entry
-// (fwd_<D>_<dtype>.cu), so adding a head dim is one line here and one small file.
+// lists the instantiations once for the run-time dispatch (launch.cu); the forward and the
+// backward have one translation unit per entry (fwd_<D>_<dtype>.cu, bwd_<D>_<dtype>.cu), so
+// adding a head dim is one line here and two small files.
 #pragma once
 
 #include <cstdint>
@@ -48,7 +48,7 @@ int64_t backward_smem_bytes();
 int64_t backward_workspace_bytes(const AttnParams& p);
 
 // Its regions, (name, byte offset, dtype): the per-row tensors the weight gradients read
-// (a1, dh1, dmem: dtype; ag, dhg, dlogit: float32; see bwd.cu).
+// (a1, dh1, dmem: dtype; ag, dhg, dlogit: float32; see bwd_preprocess.cuh).
 std::vector<std::tuple<std::string, int64_t, DType>> backward_workspace_regions(
     const AttnParams& p);
 

@@ -80,6 +80,16 @@ def _last_dim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _rows_16b_aligned(t):
+    """t with every row starting on 16 bytes (the CUDA kernels copy rows with 16-byte
+    cp.async): a fresh contiguous copy (contiguous() would keep a contiguous view at an odd
+    offset) when its data pointer or a stride is not aligned."""
+    if t is None or (t.data_ptr() % 16 == 0 and all(
+            (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _weight(t):
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
@@ -97,6 +107,8 @@ def _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_s
     """The AttnParams fields shared by forward and backward, and the tensors they point to
     (kept alive by the caller for the duration of the call)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if q.is_cuda:
+        q, k, v = (_rows_16b_aligned(t) for t in (q, k, v))
     weights = [_weight(t) for t in (w1, b1, w2, b2, g1, c1, g2)]
     if cos is not None:
         cos = _last_dim_contiguous(cos.to(torch.float32))
@@ -233,6 +245,8 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
                            gate_scale, gate_shift, window_size, softcap, **varlen)
     dout = _last_dim_contiguous(dout.to(q.dtype))
+    if dout.is_cuda:
+        dout = _rows_16b_aligned(dout)
     gate, lse = gate.float().contiguous(), lse.float().contiguous()
     attn = attn.to(q.dtype).contiguous()
     if dgate is not None:
