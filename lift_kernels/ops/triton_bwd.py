@@ -25,7 +25,9 @@ stream exactly FA2's operands: the rotated query, dO, and two floats per row.
 
 Pointers and shapes are those of triton_fwd.py; DO is dout [B, Nq, Hq, D] (any strides),
 GATE [B, Nq, Hq], LSE/LSE_BWD/DO_ATTN [B, Hq, Nq], ATTN [B, Nq, Hq, D] (contiguous, from
-the forward), QROT [B, Hq, Nq, D] (contiguous, from the preprocess).
+the forward), QROT [B, Hq, Nq, D] (contiguous, from the preprocess); packed sequences are a
+batch of one (triton_fwd.py).  The preprocess works row by row, so it needs no sequence
+bounds; the dK/dV and dQ kernels take the forward's specialisations.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ softmax over key/value blocks of kv head h // GROUP (GQA by index arithmetic), a
 ``(1 - g) * attn + g * mem`` in the epilogue.  It saves for the backward the per-row
 log-sum-exp (natural log, float32, -inf for a row that sees no key), the gate (float32)
 and the attention-only output (q's dtype).
+
+Specialisations (constexpr flags, triton_common): WINDOWED and HAS_SOFTCAP (sliding window,
+soft-capped scores), IS_VARLEN (packed sequences: the batch index is a sequence, the buffers
+a batch of one, triton_common.sequence) and HAS_SLOTS (per-sequence memory slots).
 """
 
 from __future__ import annotations
