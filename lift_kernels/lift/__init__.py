@@ -25,13 +25,15 @@ from .errors import (DocumentError, MemoryFileError, ModelLoadError, QAError,
 from .inference import answer, answer_many, greedy_completion
 from .many import ManyResult, absorb_many
 from .pipeline import AbsorbResult, absorb, load_model
-from .qa import QAPair, generate_qa, load_qa
+from .qa import QAPair, generate_qa, load_qa, load_questions
 from .trainer import Phase, TrainStats, train
 
 __all__ = [
-    "ADAPTERS", "AbsorbResult", "RECIPES", "evaluate", "recipe", "DistContext", "DistributedError", "DocumentError",
-    "LiftConfig", "MemoryFileError", "ModelLoadError", "Phase", "QAError", "QAPair", "Sample",
-    "TrainStats", "UnsupportedModelError", "absorb", "absorb_many", "ManyResult", "answer", "answer_many", "generate_qa",
-    "greedy_completion", "init_distributed", "load_memory_file", "load_model", "load_qa",
-    "model_fingerprint", "read_document", "segment_document", "segment_starts", "train",
+    "ADAPTERS", "AbsorbResult", "DistContext", "DistributedError", "DocumentError",
+    "LiftConfig", "ManyResult", "MemoryFileError", "ModelLoadError", "Phase", "QAError",
+    "QAPair", "RECIPES", "Sample", "TrainStats", "UnsupportedModelError", "absorb",
+    "absorb_many", "answer", "answer_many", "evaluate", "generate_qa", "greedy_completion",
+    "init_distributed", "load_memory_file", "load_model", "load_qa", "load_questions",
+    "model_fingerprint", "read_document", "recipe", "segment_document", "segment_starts",
+    "train",
 ]
