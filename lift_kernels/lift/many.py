@@ -171,8 +171,10 @@ def train_slots(model, params, phases, configs: list[LiftConfig], pad_id: int,
     num_slots = len(configs)
     device = model_device(model)
     views = [[adapters.slot_view(p, d, num_slots) for p in params] for d in range(num_slots)]
+    # foreach: one call per update over a slot's tensors (the same arithmetic as the
+    # per-tensor loop absorb's AdamW runs on a CPU, without its per-tensor dispatches).
     optimizers = [torch.optim.AdamW(views[d], lr=c.lr, betas=c.betas, eps=c.eps,
-                                    weight_decay=c.weight_decay)
+                                    weight_decay=c.weight_decay, foreach=True)
                   for d, c in enumerate(configs)]
     # Each slot's optimiser steps, as trainer.train plans them: (phase, sample indices).
     plans = [[(phase, group) for i, phase in enumerate(slot_phases)
@@ -236,12 +238,16 @@ def train_slots(model, params, phases, configs: list[LiftConfig], pad_id: int,
 
 
 def _chunks(rows, batch_tokens: int):
-    """The step's rows, longest first (less padding), cut into packed calls of at most
-    batch_tokens = rows x longest row (a longer row runs alone)."""
+    """The step's rows, longest first, cut into packed calls of at most batch_tokens = rows x
+    longest row (a longer row runs alone), and cut where a row is at most half the call's
+    longest, so that padding never takes more than half of a call (short lines do not pad
+    up to long anchor texts)."""
     rows = sorted(rows, key=lambda row: -row[1].num_tokens)
     chunk = []
     for row in rows:
-        if chunk and (len(chunk) + 1) * chunk[0][1].num_tokens > batch_tokens:
+        longest = chunk[0][1].num_tokens if chunk else 0
+        if chunk and ((len(chunk) + 1) * longest > batch_tokens
+                      or 2 * row[1].num_tokens <= longest):
             yield chunk
             chunk = []
         chunk.append(row)
@@ -263,15 +269,25 @@ def row_losses(model, samples: list[Sample], pad_id: int, device) -> torch.Tenso
         if s.teacher is None:
             targets[r, :n - 1] = s.labels[1:]
     ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logprobs = logits[:, :-1].float().log_softmax(-1)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    # The vocabulary-wide softmax only where a loss reads it: the labelled positions, and
+    # every position of the anchor rows.
     labelled = targets != IGNORE
-    nll = -logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    losses = (nll * labelled).sum(1) / labelled.sum(1).clamp(min=1)
+    nll = torch.nn.functional.cross_entropy(logits[labelled].float(), targets[labelled],
+                                            reduction="none")
+    row_of = labelled.nonzero()[:, 0]
+    counts = labelled.sum(1)
+    losses = torch.zeros(len(samples), device=device).index_add(0, row_of, nll)
+    losses = losses / counts.clamp(min=1)
     anchors = [r for r, s in enumerate(samples) if s.teacher is not None]
     if anchors:
-        kl = torch.stack([torch.nn.functional.kl_div(
-            logprobs[r, :samples[r].num_tokens - 1], samples[r].teacher.to(device),
-            log_target=True, reduction="batchmean") for r in anchors])
-        losses = losses.index_put((torch.tensor(anchors, device=device),), kl)
+        rows = torch.tensor(anchors, device=device)
+        teacher = torch.zeros(len(anchors), width - 1, logits.shape[-1], device=device)
+        for j, r in enumerate(anchors):
+            teacher[j, :samples[r].num_tokens - 1] = samples[r].teacher
+        positions = mask[rows, 1:].float()  # the anchor's own positions 0..n-2
+        pointwise = torch.nn.functional.kl_div(logits[rows].float().log_softmax(-1), teacher,
+                                               log_target=True, reduction="none").sum(-1)
+        kl = (pointwise * positions).sum(1) / positions.sum(1)
+        losses = losses.index_put((rows,), kl)
     return losses
