@@ -29,6 +29,7 @@ from .config import LiftConfig
 from .data import IGNORE, Sample
 from .inference import model_device
 from .pipeline import AbsorbResult, _enable_checkpointing, prepare_samples
+from .selective import anchor_samples
 from .trainer import TrainStats, sample_weights, step_groups
 
 # Rows x longest row per packed forward: the logits of one call are batch_tokens x vocabulary
@@ -96,8 +97,16 @@ def absorb_many(model, tokenizer, documents, *, qa=None, config=None, progress: 
     would train alone (slot d of the returned model), and the run's stats."""
     documents, configs, qas = _check_inputs(documents, qa, config, batch_tokens)
     device = model_device(model)
-    prepared = [prepare_samples(model, tokenizer, doc, q, c, device, generate)
-                for doc, q, c in zip(documents, qas, configs)]
+    # The KL anchors depend on the base and the recipe's seed and kl_* fields only: made
+    # once per distinct recipe, not once per document.
+    anchors = {}
+    prepared = []
+    for doc, q, c in zip(documents, qas, configs):
+        key = (c.seed, c.kl_weight, c.kl_source, c.kl_texts, c.kl_tokens)
+        if key not in anchors:
+            anchors[key] = anchor_samples(model, tokenizer, c, device)
+        prepared.append(prepare_samples(model, tokenizer, doc, q, c, device, generate,
+                                        anchors[key]))
     fingerprint = adapters.model_fingerprint(model)
     model, params = adapters.attach_slots(model, configs)
     if configs[0].gradient_checkpointing:

@@ -166,11 +166,13 @@ class DocumentSamples:
 
 
 def prepare_samples(model, tokenizer, document: str, qa, config: LiftConfig, device,
-                    generate=None) -> DocumentSamples:
+                    generate=None, anchors=None) -> DocumentSamples:
     """A document's training samples, from the base `model` before any adapter is attached
     (it scores the document for token selection and samples the KL anchors).  Seeds torch
     and Python's RNG with config.seed, so the same document and recipe give the same
-    samples whether it is absorbed alone or among others (absorb_many)."""
+    samples whether it is absorbed alone or among others (absorb_many).  anchors: the KL
+    anchor samples when already made for this model and recipe (selective.anchor_samples:
+    they do not depend on the document), else made here."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     ids = document_ids(tokenizer, document, config.title)
@@ -186,7 +188,8 @@ def prepare_samples(model, tokenizer, document: str, qa, config: LiftConfig, dev
         raise ValueError("token selection left no sample to train on: lower "
                          "LiftConfig.select_line_nats / select_token_nats")
     segments += plain_samples(tokenizer, document, ids, config)
-    anchors = anchor_samples(model, tokenizer, config, device)
+    if anchors is None:
+        anchors = anchor_samples(model, tokenizer, config, device)
     qa_part = qa_samples(tokenizer, ids, pairs, config, rng)
     _warn_beyond_window(model, segments + qa_part + anchors)
     return DocumentSamples(ids, pairs, segments, anchors, qa_part)
