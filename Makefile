@@ -85,8 +85,9 @@ test: build
 	@$(MAKE) --no-print-directory test-triton-lane
 	@$(MAKE) --no-print-directory test-compat
 
-# The Triton backend's tests again under the GPU image's Triton (3.6), installed into its
-# own folder put first on PYTHONPATH (the venv keeps the newest).  With it NumPy 2.3: Triton
+# The Triton backend's tests (and the triton cases of the window and varlen suites) again under
+# the GPU image's Triton (3.6), installed into its own folder put first on PYTHONPATH (the
+# venv keeps the newest).  With it NumPy 2.3: Triton
 # 3.6's interpreter turns loop bounds into ints with int() of a one-element array, which
 # NumPy 2.4 rejects.  torch stays the venv's (the image's torch 2.11 has no CPU build on
 # PyPI for Linux).  Downloads about 190 MB once.
@@ -99,6 +100,8 @@ test-triton-lane: build
 	PYTHONPATH=$(LANE_DIR) $(PY) -c "import triton; assert triton.__version__ == '$(LANE_TRITON)'"
 	PYTHONPATH=$(LANE_DIR) $(PY) -m pytest -q tests/test_triton.py tests/test_triton_launch.py \
 	  tests/test_triton_compile.py
+	PYTHONPATH=$(LANE_DIR) $(PY) -m pytest -q tests/test_window_softcap.py tests/test_varlen.py \
+	  -k triton
 
 # The HF tests against the lowest transformers of the range pinned in pyproject.toml,
 # installed with its own dependencies into a folder put first on PYTHONPATH (the venv keeps

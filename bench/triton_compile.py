@@ -18,7 +18,10 @@ UTMALDG = TMA load).
 
     python bench/triton_compile.py [--arch sm_90a sm_80] [--dtype bf16 fp16] [--head-dim 64 128]
                                    [--weights same fp32] [--kernel fwd dq ...] [--first]
-                                   [--json FILE]
+                                   [--window LEFT] [--softcap CAP] [--varlen] [--json FILE]
+
+--window/--softcap compile the windowed (causal, window_size=(LEFT, 0)) and soft-capped
+specialisations instead of the plain ones, --varlen the packed-sequence one.
 
 Run it without TRITON_INTERPRET (kernels are interpreted or compiled from the moment they
 are defined).  Compiles are cached in Triton's cache directory.
@@ -61,8 +64,9 @@ class Launch:
 
 
 def capture(dtype="bf16", head_dim=128, weights="same", deterministic=False, bias=False,
-            rope=True, **shape):
-    """The launches of one forward and one backward at the target shape, on meta tensors."""
+            rope=True, window=-1, softcap=0.0, varlen=False, **shape):
+    """The launches of one forward and one backward at the target shape, on meta tensors.
+    varlen: the batch packed as B sequences of N tokens (cu_seqlens_q/k)."""
     import torch
     from lift_kernels import dispatch
     from lift_kernels.ops import triton_attention as ta
@@ -82,6 +86,12 @@ def capture(dtype="bf16", head_dim=128, weights="same", deterministic=False, bia
     cos = sin = None
     if rope:
         cos, sin = dispatch.normalize_rope(torch.empty(n, d, **meta), torch.empty(n, d, **meta), b)
+    packed = {}
+    if varlen:
+        q, k, v = (t.reshape(b * n, *t.shape[2:]) for t in (q, k, v))
+        cos, sin = (None, None) if cos is None else (torch.empty(b * n, d, **meta),) * 2
+        cu = torch.empty(b + 1, dtype=torch.int32, **meta)
+        packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n)
 
     launches = []
     names = ("gated_attention_fwd_kernel", "preprocess_kernel", "dkdv_kernel",
@@ -101,10 +111,11 @@ def capture(dtype="bf16", head_dim=128, weights="same", deterministic=False, bia
         for name in names:
             setattr(ta, name, Recorder(name))
         scale = d ** -0.5
+        extras = dict(window_size=(window, -1), softcap=softcap, **packed)
         out, gate, lse, attn = ta.forward("triton", q, k, v, w1, b1, w2, b2, g1, c1, g2, cos,
-                                          sin, True, scale, 3.0, 1.0)
+                                          sin, True, scale, 3.0, 1.0, **extras)
         ta.backward("triton", torch.empty_like(out), None, q, k, v, w1, b1, w2, b2, g1, c1, g2,
-                    cos, sin, gate, lse, attn, True, scale, 3.0, 1.0, deterministic)
+                    cos, sin, gate, lse, attn, True, scale, 3.0, 1.0, deterministic, **extras)
     finally:
         for name, kernel in saved.items():
             setattr(ta, name, kernel)
@@ -222,15 +233,17 @@ def analyse(kernel, arch) -> dict:
 
 
 def rows_for(arch, dtype, head_dim, weights, first=False, deterministic=False, kinds=None,
-             log=None):
+             log=None, window=-1, softcap=0.0, varlen=False):
     """JSON rows for every kernel and configuration of one (arch, dtype, D, weights) case.
     `first`: only the configuration each kernel uses first (the untimed one in
     deterministic mode); `kinds`: only these kernels.  Row fields: kernel, mode, config (BLOCK_* keywords), warps,
-    stages, rank (index in the list kept for this head dim, None if pruned away), and the
-    fields of analyse()."""
+    stages, rank (index in the list kept for this head dim, None if pruned away), window
+    (left side, -1: none), softcap, varlen (packed sequences), and the fields of
+    analyse()."""
     from lift_kernels.ops.triton_common import prune_configs
     rows = []
-    launches = capture(dtype, head_dim, weights, deterministic=deterministic)
+    launches = capture(dtype, head_dim, weights, deterministic=deterministic, window=window,
+                       softcap=softcap, varlen=varlen)
     q = launches[0].args[0]
     for launch in launches:
         kind, _, tuner = _kernel_kinds(launch)
@@ -239,7 +252,8 @@ def rows_for(arch, dtype, head_dim, weights, first=False, deterministic=False, k
         if tuner is None:
             candidates = [(None, 0)]
         else:
-            kept = prune_configs(kind, tuner.configs, {"Q": q}, HEAD_DIM=head_dim)
+            kept = prune_configs(kind, tuner.configs, {"Q": q}, HEAD_DIM=head_dim,
+                                 WINDOWED=window >= 0)
             ranks = {repr(c.all_kwargs()): i for i, c in enumerate(kept)}
             candidates = [(c, ranks.get(repr(c.all_kwargs()))) for c in tuner.configs]
             if first:
@@ -254,7 +268,8 @@ def rows_for(arch, dtype, head_dim, weights, first=False, deterministic=False, k
                        triton=_triton_version(), kernel=kind,
                        mode="deterministic" if deterministic and kind in ("dkdv", "dq")
                        else "autotuned" if tuner is not None else "fixed",
-                       config=tile, warps=kernel.metadata.num_warps,
+                       window=window, softcap=softcap, varlen=varlen, config=tile,
+                       warps=kernel.metadata.num_warps,
                        stages=kernel.metadata.num_stages, rank=rank,
                        **analyse(kernel, arch), compile_seconds=round(time.time() - start, 1))
             rows.append(row)
@@ -273,11 +288,24 @@ def tile_text(config) -> str:
     return "x".join(str(config[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_H") if k in config)
 
 
+def kernel_text(row) -> str:
+    """The kernel's name, with the window and soft-capping it was compiled for, if any."""
+    features = []
+    if row.get("window", -1) >= 0:
+        features.append(f"window {row['window']}")
+    if row.get("softcap"):
+        features.append(f"softcap {row['softcap']:g}")
+    if row.get("varlen"):
+        features.append("packed")
+    return row["kernel"] + (f" ({', '.join(features)})" if features else "")
+
+
 def table_line(row) -> str:
     tile = tile_text(row["config"])
     rank = "-" if row["rank"] is None else str(row["rank"])
     return (f"{row['arch']:6s} {row['dtype']:4s} D={row['head_dim']:<3d} w={row['weights']:4s} "
-            f"{row['kernel']:10s} {row['mode'][:5]:5s} {tile:>11s}/w{row['warps']}/s{row['stages']}"
+            f"{kernel_text(row):10s} {row['mode'][:5]:5s} "
+            f"{tile:>11s}/w{row['warps']}/s{row['stages']}"
             f" rank={rank:2s} regs={row['registers']:3d} stack={row['spill_bytes']:5d} "
             f"hot-LDL={row['hot_loop_reloads']:3d} LDL={row['spill_reloads']:3d} "
             f"smem={row['shared'] // 1024:3d}K {'ok ' if row['launchable'] else 'TOO BIG'} "
@@ -293,7 +321,8 @@ def markdown(rows) -> str:
         rank = "-" if r["rank"] is None else r["rank"]
         lines.append(
             f"| {r['triton']} | {r['arch']} | {r['dtype']} | {r['head_dim']} | {r['weights']} "
-            f"| {r['kernel']} | {r['mode']} | {tile_text(r['config'])} | {r['warps']}/{r['stages']}"
+            f"| {kernel_text(r)} | {r['mode']} | {tile_text(r['config'])} "
+            f"| {r['warps']}/{r['stages']}"
             f" | {rank} | {r['registers']} | {r['spill_bytes']} | {r['hot_loop_reloads']} "
             f"| {r['spill_reloads']} | {r['shared'] / 1024:.0f} | {'yes' if r['launchable'] else 'NO'}"
             f" | {r['wgmma']} | {r['mma']} | {r['async_copies']} |")
@@ -337,6 +366,13 @@ def main(argv=None):
     parser.add_argument("--first", action="store_true",
                         help="only the configuration each kernel uses first, default and "
                              "deterministic mode")
+    parser.add_argument("--window", type=int, default=-1, metavar="LEFT",
+                        help="compile the sliding-window kernels, window_size=(LEFT, 0)")
+    parser.add_argument("--softcap", type=float, default=0.0, metavar="CAP",
+                        help="compile the soft-capped kernels")
+    parser.add_argument("--varlen", action="store_true",
+                        help="compile the packed-sequence kernels (cu_seqlens), the batch "
+                             "packed as B sequences of N")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--suggest", nargs="+", metavar="JSON",
                         help="print triton_common.TUNED rebuilt from these row files and exit")
@@ -366,12 +402,14 @@ def main(argv=None):
         for dtype in args.dtype:
             for d in args.head_dim:
                 for weights in args.weights:
+                    features = dict(window=args.window, softcap=args.softcap,
+                                    varlen=args.varlen)
                     rows += rows_for(arch, dtype, d, weights, first=args.first,
-                                     kinds=args.kernel, log=log)
+                                     kinds=args.kernel, log=log, **features)
                     if args.first:
                         kinds = [k for k in args.kernel or ("dkdv", "dq") if k in ("dkdv", "dq")]
                         rows += rows_for(arch, dtype, d, weights, first=True,
-                                         deterministic=True, kinds=kinds, log=log)
+                                         deterministic=True, kinds=kinds, log=log, **features)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

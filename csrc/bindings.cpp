@@ -2,7 +2,8 @@
 //
 // The kernels take an AttnParams (gated_attention.h).  Python (lift_kernels/ops/cext.py)
 // fills it as a dict: tensors as integer data pointers (0 for an absent one), strides as
-// (batch, row, head) tuples in elements, the rest as numbers.
+// (batch, row, head) tuples in elements, the rest as numbers; the packed-sequence and slot
+// fields (cu_seqlens_q/k with total_q/k, memory_index with num_slots) only when used.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -82,6 +83,17 @@ lift::AttnParams params_from(const py::dict& d, bool backward) {
   if (d.contains("window_right")) p.window_right = d["window_right"].cast<int64_t>();
   if (d.contains("softcap")) p.softcap = d["softcap"].cast<float>();
   p.stream = d.contains("stream") ? d["stream"].cast<int64_t>() : 0;
+  // Packed sequences and memory slots (absent: the [B, N, H, D] layout, one memory).
+  p.cu_seqlens_q = d.contains("cu_seqlens_q") ? pointer<const int32_t>(d, "cu_seqlens_q") : nullptr;
+  p.cu_seqlens_k = d.contains("cu_seqlens_k") ? pointer<const int32_t>(d, "cu_seqlens_k") : nullptr;
+  if (!p.cu_seqlens_q != !p.cu_seqlens_k)
+    throw std::invalid_argument("cu_seqlens_q and cu_seqlens_k must be given together");
+  if (p.cu_seqlens_q) {
+    p.total_q = d["total_q"].cast<int64_t>();
+    p.total_k = d["total_k"].cast<int64_t>();
+  }
+  p.memory_index = d.contains("memory_index") ? pointer<const int64_t>(d, "memory_index") : nullptr;
+  if (p.memory_index) p.num_slots = d["num_slots"].cast<int64_t>();
   if (backward) {
     p.dout = pointer<const void>(d, "dout");
     p.dout_stride = strides(d, "dout_stride");
@@ -99,6 +111,39 @@ lift::AttnParams params_from(const py::dict& d, bool backward) {
     p.workspace = d.contains("workspace") ? pointer<void>(d, "workspace") : nullptr;
   }
   return p;
+}
+
+// Host-side checks of the sequence bounds and slots before a CPU kernel reads through them
+// (dispatch.py checks them too, but not under torch.compile, where it cannot read values).
+void check_sequences(const lift::AttnParams& p) {
+  if (p.cu_seqlens_q) {
+    const int32_t* cu[2] = {p.cu_seqlens_q, p.cu_seqlens_k};
+    const int64_t totals[2] = {p.total_q, p.total_k}, longest[2] = {p.nq, p.nk};
+    const char* names[2] = {"cu_seqlens_q", "cu_seqlens_k"};
+    for (int side = 0; side < 2; ++side) {
+      if (cu[side][0] != 0 || cu[side][p.batch] != totals[side])
+        throw std::invalid_argument(std::string(names[side]) +
+                                    " must start at 0 and end at the packed row count");
+      for (int64_t s = 0; s < p.batch; ++s) {
+        const int64_t length = static_cast<int64_t>(cu[side][s + 1]) - cu[side][s];
+        if (length < 0 || length > longest[side])
+          throw std::invalid_argument(std::string(names[side]) +
+                                      " must never decrease, nor step by more than max_seqlen");
+      }
+    }
+  }
+  if (p.memory_index) {
+    if (p.num_slots < 1) throw std::invalid_argument("num_slots must be positive");
+    for (int64_t s = 0; s < p.batch; ++s)
+      if (p.memory_index[s] < 0 || p.memory_index[s] >= p.num_slots)
+        throw std::invalid_argument("memory_index must hold slots in [0, num_slots)");
+  }
+}
+
+// The CUDA kernels read neither packed sequences nor memory slots (yet).
+void reject_sequences(const lift::AttnParams& p) {
+  if (p.cu_seqlens_q || p.memory_index)
+    throw std::invalid_argument("the cuda kernels take no packed sequences or memory slots");
 }
 
 }  // namespace
@@ -121,22 +166,26 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cpu_forward", [](const py::dict& fields) {
     const lift::AttnParams p = params_from(fields, false);
+    check_sequences(p);
     py::gil_scoped_release release;
     lift::cpu::forward(p);
   }, "CPU forward: writes out, attn, gate, lse (fields: see gated_attention.h).");
   m.def("cpu_backward", [](const py::dict& fields) {
     const lift::AttnParams p = params_from(fields, true);
+    check_sequences(p);
     py::gil_scoped_release release;
     lift::cpu::backward(p);
   }, "CPU backward: writes dq, dk, dv and the float32 weight gradients.");
 #ifdef LIFT_KERNELS_WITH_CUDA
   m.def("cuda_forward", [](const py::dict& fields) {
     const lift::AttnParams p = params_from(fields, false);
+    reject_sequences(p);
     py::gil_scoped_release release;
     lift::cuda::forward(p);
   }, "CUDA forward on the given stream (same fields as cpu_forward).");
   m.def("cuda_backward", [](const py::dict& fields) {
     const lift::AttnParams p = params_from(fields, true);
+    reject_sequences(p);
     py::gil_scoped_release release;
     lift::cuda::backward(p);
   }, "CUDA backward on the given stream (same fields as cpu_backward).");

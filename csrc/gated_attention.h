@@ -8,6 +8,10 @@
 //   weights (float32, contiguous): w1 [Hq, D, M], b1 [Hq, M], w2 [Hq, M, D], b2 [Hq, D],
 //                                  g1 [Hq, D, R], c1 [Hq, R], g2 [Hq, R]
 //   cos, sin: [B, Nq, D] float32 (batch stride may be 0)
+// Packed variable-length sequences (cu_seqlens_q/k set, FlashAttention's varlen layout):
+//   q, out, attn, dout: [total_q, Hq, D]   k, v: [total_k, Hkv, D]   cos, sin: [total_q, D]
+//   gate, dgate: [total_q, Hq]             lse: [Hq, total_q]
+// Memory slots (memory_index set): every weight and weight gradient has a leading dim K.
 // Python allocates every buffer; the kernels only read and write through these pointers.
 #pragma once
 
@@ -81,7 +85,64 @@ struct AttnParams {
   int64_t window_left = -1, window_right = -1;
   float softcap = 0.f;  // > 0: scaled scores s -> softcap * tanh(s / softcap)
   int64_t stream = 0;  // cudaStream_t as an integer (CUDA only)
+
+  // Packed variable-length sequences (issue 15), or null for the [B, N, H, D] layout.  When
+  // set, `batch` is the number of sequences S, nq/nk bound every sequence's length
+  // (max_seqlen_q/k), sequence s is rows [cu_seqlens_q[s], cu_seqlens_q[s+1]) of q and
+  // [cu_seqlens_k[s], cu_seqlens_k[s+1]) of k/v, causal and window bottom-right within it;
+  // the batch strides are unused.  Read on the host (CPU kernels).
+  const int32_t* cu_seqlens_q = nullptr;  // [S + 1]
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0, total_k = 0;
+  // Memory slots (issue 15), or null for one memory: sequence s reads and trains slot
+  // memory_index[s] of weights [num_slots, Hq, ...].
+  const int64_t* memory_index = nullptr;  // [S]
+  int64_t num_slots = 1;
 };
+
+// Where one sequence (a batch element, or a packed sequence) lives.  Rows of the flattened
+// contiguous tensors (out, attn, gate, dq: [rows, Hq, ...]; dk, dv: [rows, Hkv, D]) are
+// q_row + i and k_row + j; strided inputs start at the element offsets q_off, k_off, v_off,
+// dout_off (head 0, row 0) and cos/sin at rope_off; lse of head h, row i at
+// lse_off + h * lse_head_stride + i.
+struct Sequence {
+  int64_t nq = 0, nk = 0;
+  int64_t q_row = 0, k_row = 0;
+  int64_t q_off = 0, k_off = 0, v_off = 0, dout_off = 0, rope_off = 0;
+  int64_t lse_off = 0, lse_head_stride = 0;
+  int64_t slot = 0;
+};
+
+LIFT_HD Sequence sequence(const AttnParams& p, int64_t s) {
+  Sequence seq;
+  if (p.cu_seqlens_q) {
+    seq.q_row = p.cu_seqlens_q[s];
+    seq.k_row = p.cu_seqlens_k[s];
+    seq.nq = p.cu_seqlens_q[s + 1] - seq.q_row;
+    seq.nk = p.cu_seqlens_k[s + 1] - seq.k_row;
+    seq.q_off = seq.q_row * p.q_stride.row;
+    seq.k_off = seq.k_row * p.k_stride.row;
+    seq.v_off = seq.k_row * p.v_stride.row;
+    seq.dout_off = seq.q_row * p.dout_stride.row;
+    seq.rope_off = seq.q_row * p.rope_row_stride;
+    seq.lse_off = seq.q_row;
+    seq.lse_head_stride = p.total_q;
+  } else {
+    seq.nq = p.nq;
+    seq.nk = p.nk;
+    seq.q_row = s * p.nq;
+    seq.k_row = s * p.nk;
+    seq.q_off = s * p.q_stride.batch;
+    seq.k_off = s * p.k_stride.batch;
+    seq.v_off = s * p.v_stride.batch;
+    seq.dout_off = s * p.dout_stride.batch;
+    seq.rope_off = s * p.rope_batch_stride;
+    seq.lse_off = s * p.hq * p.nq;
+    seq.lse_head_stride = p.nq;
+  }
+  seq.slot = p.memory_index ? p.memory_index[s] : 0;
+  return seq;
+}
 
 // ---- shared per-element math ------------------------------------------------------------
 

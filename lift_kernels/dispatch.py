@@ -14,7 +14,8 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
 AUTOGRAD_BACKENDS = ("reference", "torch")
 # Fused backends: a module with unsupported_reason(name, problem), forward(...) and
 # backward(...) (contract in function.py), reached through its custom op.  A module that
-# sets SUPPORTS_VARLEN = True also takes packed sequences and memory slots.
+# sets SUPPORTS_VARLEN = True also takes packed sequences and memory slots; a module serving
+# several backends may set it to the names of those that do (cext: ("cpu",)).
 FUSED_MODULES = {
     "triton": "lift_kernels.ops.triton_attention",
     "cuda": "lift_kernels.ops.cext",
@@ -348,8 +349,8 @@ def unsupported_reason(name: str, problem: Problem) -> str | None:
     module = FUSED_BACKENDS[name]
     if isinstance(module, str):
         return module
-    if (problem.varlen or problem.num_slots is not None) and not getattr(
-            module, "SUPPORTS_VARLEN", False):
+    if (problem.varlen or problem.num_slots is not None) and not _module_takes_varlen(
+            name, module):
         return (f"the {name} backend does not take packed sequences (cu_seqlens_q/k) or memory "
                 f"slots (memory_index) yet; the reference and torch backends do")
     return module.unsupported_reason(name, problem)
@@ -360,7 +361,13 @@ def takes_varlen(backend: str) -> bool:
     falls back to a backend that does), so a caller can choose another layout instead."""
     if backend == "auto" or backend in AUTOGRAD_BACKENDS:
         return True
-    return getattr(FUSED_BACKENDS.get(backend), "SUPPORTS_VARLEN", False)
+    return _module_takes_varlen(backend, FUSED_BACKENDS.get(backend))
+
+
+def _module_takes_varlen(name: str, module) -> bool:
+    """The module's SUPPORTS_VARLEN for backend `name`: a bool, or the backends' names."""
+    flag = getattr(module, "SUPPORTS_VARLEN", False)
+    return name in flag if isinstance(flag, (tuple, list, frozenset, set)) else bool(flag)
 
 
 # Below this many query rows `auto` prefers `torch` on CPU.  Measured on 2 cores

@@ -1,5 +1,6 @@
-"""The benchmark harness (lift_kernels/benchmark.py, bench/kernels.py, bench/lift_step.py) in
-smoke mode: tiny sizes, they prove the harness works, they do not time anything."""
+"""The benchmark harness (lift_kernels/benchmark.py, bench/kernels.py, bench/lift_step.py,
+bench/varlen.py) in smoke mode: tiny sizes, they prove the harness works, they do not time
+anything."""
 
 import ast
 import csv
@@ -167,6 +168,25 @@ def test_lift_step_smoke(lift_step, tmp_path, monkeypatch, capsys, restore_threa
         assert r["tokens_per_s"] > 0 and r["segment_step_ms"] > 0 and r["qa_step_ms"] > 0
         assert r["segments"] == 7 and r["absorb_s"] > 0 and r["peak_bytes"] > 0
     assert "absorb s" in capsys.readouterr().out
+
+
+def test_varlen_bench_smoke(tmp_path, capsys, restore_threads):
+    """bench/varlen.py at tiny sizes: every row runs and is written (no timing claims)."""
+    import lift_kernels
+
+    if "cpu" not in lift_kernels.available_backends("cpu"):
+        pytest.skip("lift_kernels._C is not built")
+    script = runpy.run_path(str(ROOT / "bench" / "varlen.py"), run_name="not_main")
+    out = tmp_path / "varlen.json"
+    assert script["main"](["--sequences", "3", "--min-len", "5", "--max-len", "70",
+                           "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
+                           "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["case"] for r in data["rows"]] == [
+        "packed", "loop", "torch packed", "packed, equal", "rectangle, equal"]
+    assert all(r["fwd_bwd_ms"] > 0 for r in data["rows"])
+    assert data["info"]["total"] == sum(data["info"]["lengths"]) and data["info"]["slots"] == 3
+    assert "rectangle, equal" in capsys.readouterr().out
 
 
 # What bench/gpu_check.sh runs may import: the GPU machine has python3 with torch, triton,

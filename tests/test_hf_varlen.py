@@ -157,11 +157,78 @@ def test_memory_slots_select_per_batch_row(padded, exact, monkeypatch):
     assert rel(batched[1], batched[0]) > 1e-2  # the slots really differ
 
 
-@pytest.mark.skipif("cpu" not in lift_kernels.available_backends("cpu"),
-                    reason="lift_kernels._C is not built")
-def test_backend_without_varlen_takes_the_exact_path(packed_calls):
-    """An explicit fused backend that takes no packed input or slots (cpu, today): padded
-    batches and memory slots run the exact path and agree with torch."""
+needs_cpu = pytest.mark.skipif("cpu" not in lift_kernels.available_backends("cpu"),
+                               reason="lift_kernels._C is not built")
+
+
+@pytest.fixture
+def cpu_kernel_calls(monkeypatch):
+    """Counts the packed calls into the fused cpu kernels (forward and backward)."""
+    from lift_kernels.ops import cext
+
+    calls = []
+    for direction in ("forward", "backward"):
+        real = getattr(cext, direction)
+
+        def spy(*args, _real=real, _direction=direction, **kwargs):
+            if "cu_seqlens_q" in kwargs:
+                calls.append(_direction)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cext, direction, spy)
+    return calls
+
+
+@needs_cpu
+@pytest.mark.parametrize("family,attn,hole", [AGREEMENT[0], AGREEMENT[4], AGREEMENT[6]])
+def test_padded_batch_runs_the_fused_cpu_kernels(family, attn, hole, packed_calls,
+                                                 cpu_kernel_calls, monkeypatch):
+    """backend="cpu": a padded batch runs the fused kernels on the packed tokens (this fails
+    if the exact path is taken) and agrees with the exact path, loss and gradients."""
+    model = hf_families.tiny_model(family, attn_implementation=attn)
+    lift_kernels.replace_attention(model, backend="cpu")
+    randomize_memory(model)
+    ids = tokens(batch=3, n=11)
+    mask = padding_mask(ids, hole)
+    keep = mask.bool()
+    layers = model.config.num_hidden_layers
+    packed_logits, packed_loss, packed_grads = _loss_and_grads(model, ids, mask)
+    assert len(packed_calls) == layers
+    assert cpu_kernel_calls.count("forward") == layers
+    assert cpu_kernel_calls.count("backward") == layers
+    _exact_only(monkeypatch)
+    exact_logits, exact_loss, exact_grads = _loss_and_grads(model, ids, mask)
+    assert len(packed_calls) == layers and len(cpu_kernel_calls) == 2 * layers
+    assert rel(packed_logits[keep], exact_logits[keep]) <= 1e-5
+    assert abs(packed_loss.item() - exact_loss.item()) <= 1e-5 * abs(exact_loss.item())
+    for a, b in zip(packed_grads, exact_grads):
+        assert rel(a, b) <= 1e-5
+
+
+@needs_cpu
+def test_memory_slots_run_the_fused_cpu_kernels(packed_calls, cpu_kernel_calls):
+    """Slots and padding on backend="cpu": packed fused calls, the torch backend's logits."""
+    model, _ = _slot_models()
+    ids = tokens(batch=3, n=11)
+    mask = padding_mask(ids)
+    with lift_kernels.memory_slots(model, [1, 0, 2]):
+        expected = logits(model, ids, attention_mask=mask)
+        calls = len(packed_calls)
+        lift_kernels.replace_attention(model, backend="cpu")
+        got = logits(model, ids, attention_mask=mask)
+    layers = model.config.num_hidden_layers
+    assert len(packed_calls) == calls + layers and cpu_kernel_calls == ["forward"] * layers
+    assert rel(got[mask.bool()], expected[mask.bool()]) <= 1e-5
+
+
+@needs_cpu
+def test_backend_without_varlen_takes_the_exact_path(packed_calls, monkeypatch):
+    """An explicit fused backend that takes no packed input or slots (cpu with its
+    SUPPORTS_VARLEN emptied, as cuda is today): padded batches and memory slots run the
+    exact path and agree with torch."""
+    from lift_kernels.ops import cext
+
+    monkeypatch.setattr(cext, "SUPPORTS_VARLEN", ())
     model, _ = _slot_models()
     ids = tokens(batch=3, n=11)
     mask = padding_mask(ids)
@@ -171,6 +238,23 @@ def test_backend_without_varlen_takes_the_exact_path(packed_calls):
         lift_kernels.replace_attention(model, backend="cpu")
         got = logits(model, ids, attention_mask=mask)
     assert len(packed_calls) == calls
+    assert rel(got[mask.bool()], expected[mask.bool()]) <= 1e-5
+
+
+@pytest.mark.skipif("triton" not in lift_kernels.available_backends("cpu"),
+                    reason="triton is not available here")
+def test_triton_runs_padded_batches_with_slots_packed(packed_calls):
+    """triton takes packed input and slots: a padded batch with a slot per row runs the
+    packed fused path and agrees with torch's."""
+    model, _ = _slot_models()
+    ids = tokens(batch=3, n=11)
+    mask = padding_mask(ids)
+    with lift_kernels.memory_slots(model, [1, 0, 2]):
+        expected = logits(model, ids, attention_mask=mask)
+        calls = len(packed_calls)
+        lift_kernels.replace_attention(model, backend="triton")
+        got = logits(model, ids, attention_mask=mask)
+    assert len(packed_calls) > calls
     assert rel(got[mask.bool()], expected[mask.bool()]) <= 1e-5
 
 

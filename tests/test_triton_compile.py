@@ -1,7 +1,8 @@
 """The Triton kernels compiled as the JIT compiles them on an H100/H200 (sm_90a), on a machine
 with no GPU, through bench/triton_compile.py: the configuration each kernel uses first (and
 the one deterministic mode uses, untimed) must launch (shared memory) and reload no spilled
-value inside its hot loops, at the benchmark's shape, bf16, head dims 64 and 128.
+value inside its hot loops, at the benchmark's shape, bf16, head dims 64 and 128, and so must
+the sliding-window, soft-capped specialisation and the packed-sequence one at head dim 128.
 
 Run in a child process: tests/conftest.py turns on the interpreter, and triton decides per
 kernel at definition time.  `make test-triton-lane` runs this file again under Triton 3.6
@@ -40,7 +41,9 @@ def test_sass_analysis_finds_reloads_in_the_innermost_loop():
                           spill_stores=1, spill_reloads=2, wgmma=1, mma=0, async_copies=1)
 
 
-def test_first_configs_compile_clean_for_sm90(tmp_path):
+def _first_configs_sm90(tmp_path, head_dims, *options):
+    """The rows of bench/triton_compile.py --first at bf16 for sm_90a; skips without
+    Triton's NVIDIA backend."""
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
@@ -51,14 +54,33 @@ def test_first_configs_compile_clean_for_sm90(tmp_path):
     out = tmp_path / "rows.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "triton_compile.py"), "--arch", "sm_90a",
-         "--dtype", "bf16", "--head-dim", "64", "128", "--weights", "same", "--first",
-         "--json", str(out)], env=env, capture_output=True, text=True, timeout=1200)
+         "--dtype", "bf16", "--head-dim", *map(str, head_dims), "--weights", "same", "--first",
+         *options, "--json", str(out)], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(out.read_text())
     seen = {(r["head_dim"], r["kernel"], r["mode"]) for r in rows}
-    for d in (64, 128):
+    for d in head_dims:
         assert {(d, "fwd", "autotuned"), (d, "preprocess", "fixed"), (d, "dkdv", "autotuned"),
                 (d, "dq", "autotuned"), (d, "dkdv", "deterministic"),
                 (d, "dq", "deterministic")} <= seen
     bad = [r for r in rows if r["hot_loop_reloads"] or not r["launchable"]]
     assert not bad, "\n".join(json.dumps(r) for r in bad)
+    return rows
+
+
+def test_first_configs_compile_clean_for_sm90(tmp_path):
+    _first_configs_sm90(tmp_path, (64, 128))
+
+
+def test_windowed_softcapped_configs_compile_clean_for_sm90(tmp_path):
+    """The sliding-window and soft-capped specialisation (Gemma 2's: a 4096 window, cap 50;
+    here 1024 at the 4096-token shape, so whole key blocks are skipped)."""
+    rows = _first_configs_sm90(tmp_path, (128,), "--window", "1024", "--softcap", "50")
+    assert all(r["window"] == 1024 and r["softcap"] == 50.0 for r in rows)
+
+
+def test_packed_sequence_configs_compile_clean_for_sm90(tmp_path):
+    """The packed-sequence specialisation (cu_seqlens; its programs past a sequence's end
+    return early) at head dim 128."""
+    rows = _first_configs_sm90(tmp_path, (128,), "--varlen")
+    assert all(r["varlen"] for r in rows)

@@ -57,15 +57,18 @@ def gpu_tuned(monkeypatch):
     return benches
 
 
-@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, False), (torch.float32, True)],
-                         ids=["bf16-no-bias", "fp32-bias"])
-def test_every_gpu_config_through_the_autotuner(gpu_tuned, dtype, bias):
+@pytest.mark.parametrize("dtype,bias,extra", [
+    (torch.bfloat16, False, {}), (torch.float32, True, {}),
+    # the window's block bounds at every GPU tile size (the other tests use 16-row tiles)
+    (torch.bfloat16, False, dict(window_size=(23, -1), softcap=4.0))],
+    ids=["bf16-no-bias", "fp32-bias", "bf16-window-softcap"])
+def test_every_gpu_config_through_the_autotuner(gpu_tuned, dtype, bias, extra):
     """Each configuration's outputs agree with the winner's (the last), and the winner's
     output and gradients with the float64 reference (float32 keeps only the small
     single-stage tiles, bfloat16 every tile of the head dim's list).  Without biases this
     failed under Triton 3.6 while the dq kernel's autotuner had reset_to_zero, which
     called .zero_() on the None bias gradients."""
-    case = BASE.but(dtype=dtype, bias=bias)
+    case = BASE.but(dtype=dtype, bias=bias, **extra)
     check_against_oracle("triton", case, seed=21, device="cpu")
     q = torch.empty(0, dtype=dtype)
     timed = 0

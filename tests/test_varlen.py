@@ -1,7 +1,9 @@
 """Packed variable-length sequences and per-sequence memory slots (issue 15): every backend
 that serves them against a float64 oracle computed sequence by sequence with the plain op
-(output, gate and every gradient), validation, the fused backends' clean decline, the
-custom-op plumbing and torch.compile."""
+(output, gate and every gradient), validation, the clean decline of the fused backends that
+do not serve them, the custom-op plumbing, torch.compile, and the fused `cpu` kernels
+(multi-tile sequences, the reference backend, determinism, their own checks).
+`make test-triton-lane` runs the triton cases again under Triton 3.6."""
 
 import math
 from itertools import accumulate
@@ -12,11 +14,21 @@ import torch
 
 import lift_kernels
 from lift_kernels import dispatch, gated_memory_attention
+from lift_kernels.ops import cext
 
 import fake_fused_backend
 from helpers import NAMES, TOL, assert_matches, rel_err, rope_tables
 
 WEIGHTS = NAMES[3:]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the compiled kernels write starts as NaN: a value they forget to write
+    shows up as a non-finite output or gradient."""
+    def alloc(shape, dtype, device):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(cext, "_alloc", alloc)
 
 
 @dataclass(frozen=True)
@@ -188,10 +200,63 @@ GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+HAS_CPU = "cpu" in lift_kernels.available_backends("cpu")
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="lift_kernels._C is not built")
+# Every backend that serves packed sequences and memory slots on CPU tensors.
+VARLEN_BACKENDS = ["reference", "torch", pytest.param("cpu", marks=needs_cpu)]
+
+
+@pytest.mark.parametrize("backend", VARLEN_BACKENDS)
 @pytest.mark.parametrize("case", GRID, ids=repr)
 def test_matches_sequence_by_sequence_oracle(backend, case):
+    if case.dtype == torch.float64 and backend == "cpu":
+        pytest.skip("float64 is the oracle's dtype; the fused kernels compute in float32")
     check_varlen(backend, case, seed=hash((backend, repr(case))) % 2**31)
+
+
+# The triton kernels (under the interpreter on CPU, 16-row tiles): the grid in float32 and
+# bfloat16 (fused backends take no float64), and sequences spanning several tiles, where
+# blocks past a short sequence's end must exit and slots are shared across tiles.
+TRITON = "triton" in lift_kernels.available_backends()
+TRITON_GRID = [c for c in GRID if c.dtype != torch.float64] + [
+    VCase(lens_q=(40, 0, 21, 1), lens_k=(40, 5, 30, 1), slots=(2, 0, 2, 1), num_slots=4,
+          hq=2, hkv=1, bias=True),
+    VCase(lens_q=(33, 17), lens_k=(50, 17), window=(9, -1), softcap=2.0, hq=2, hkv=1,
+          slots=(1, 0), num_slots=2),
+]
+
+
+@pytest.fixture
+def poisoned_triton(monkeypatch):
+    """Every buffer the triton kernels must fully write starts as NaN."""
+    from lift_kernels.ops import triton_attention
+    monkeypatch.setattr(triton_attention, "_new",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                dtype=dtype, device=device))
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not available here")
+@pytest.mark.parametrize("case", TRITON_GRID, ids=repr)
+def test_triton_matches_sequence_by_sequence_oracle(poisoned_triton, case):
+    check_varlen("triton", case, seed=hash(("triton", repr(case))) % 2**31)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not available here")
+def test_triton_deterministic_backward_is_bit_identical(poisoned_triton):
+    case = TRITON_GRID[-2]
+    t = make_varlen_inputs(case, 4)
+    runs = []
+    for _ in range(2):
+        leaves = _leaves(t)
+        out, gate = gated_memory_attention(
+            *(leaves[n] for n in NAMES), cos=t["cos"], sin=t["sin"], return_gate=True,
+            backend="triton", deterministic=True, **t["kw"])
+        runs.append((out, gate, _backward(out, gate, leaves, 5)))
+    (out, gate, grads), (out2, gate2, grads2) = runs
+    assert torch.equal(out, out2) and torch.equal(gate, gate2)
+    for n in NAMES:
+        if grads[n] is not None:
+            assert torch.equal(grads[n], grads2[n]), n
 
 
 def test_packed_sequences_do_not_see_each_other():
@@ -305,8 +370,10 @@ def test_max_seqlen_needs_packed_input():
 
 # ------------------------------------------------------------------- fused backends, dispatch
 
-@pytest.mark.parametrize("backend", ["triton", "cuda", "cpu"])
+@pytest.mark.parametrize("backend", ["cuda"])
 def test_fused_backends_decline_cleanly(backend):
+    if dispatch.takes_varlen(backend):
+        pytest.skip(f"{backend} serves packed sequences (tested against the oracle above)")
     args, kw = _valid()
     with pytest.raises(NotImplementedError, match=f"backend='{backend}' cannot serve"):
         gated_memory_attention(*args, backend=backend, **kw)
@@ -315,15 +382,20 @@ def test_fused_backends_decline_cleanly(backend):
             gated_memory_attention(*args, backend=backend, **kw)
 
 
-def test_auto_falls_back_to_torch():
-    """Even where auto would put a fused backend first (many query rows on CPU)."""
+def test_varlen_is_declared_per_backend():
+    """cpu and cuda share one module (ops/cext.py): only cpu takes packed input and slots."""
+    assert dispatch.takes_varlen("cpu") and not dispatch.takes_varlen("cuda")
+    assert dispatch.takes_varlen("auto") and dispatch.takes_varlen("torch")
+
+
+def test_auto_picks_a_backend_that_serves_packed_input():
     args, kw = _valid()
     kw["max_seqlen_q"] = dispatch.AUTO_CPU_MIN_QUERY_ROWS
     problem = dispatch.validate(*args, kw.pop("cos"), kw.pop("sin"), causal=True,
                                 softmax_scale=None, gate_scale=3.0, gate_shift=1.0,
                                 return_gate=False, backend="auto", deterministic=False, **kw)
     assert problem.varlen and problem.num_slots == 3 and problem.batch == 4
-    assert dispatch.choose_backend("auto", problem) == "torch"
+    assert dispatch.choose_backend("auto", problem) == ("cpu" if HAS_CPU else "torch")
 
 
 @pytest.fixture
@@ -359,7 +431,7 @@ def _compiled_step(backend, case, t):
     return flat, inputs
 
 
-@pytest.mark.parametrize("backend", ["torch", "fake"])
+@pytest.mark.parametrize("backend", ["torch", "fake", pytest.param("cpu", marks=needs_cpu)])
 def test_torch_compile_fullgraph_with_the_keywords(backend, monkeypatch):
     if backend == "fake":
         monkeypatch.setitem(dispatch.FUSED_BACKENDS, "cpu", fake_fused_backend)
@@ -387,3 +459,97 @@ def test_gated_memory_module_with_slots():
         mod(q, k, v)
     with pytest.raises(ValueError, match="num_slots must be a positive int"):
         lift_kernels.GatedMemory(4, 16, num_slots=0)
+
+
+# --------------------------------------------------------------------- the fused cpu kernels
+
+# Sequences across several 64-row query tiles and 64-key blocks (GRID's fit in one).
+CPU_TILES = [
+    # Nq < Nk, Nq > Nk (rows that see no key), empty and length-1 sequences, a shared slot
+    # (2) and an unused one (3), GQA.
+    VCase(lens_q=(130, 0, 1, 90, 1), lens_k=(150, 5, 1, 64, 0), slots=(2, 0, 2, 1, 2),
+          num_slots=4, hq=4, hkv=2, head_dim=32, bias=True),
+    # A sliding window and soft-capping that cut across blocks.
+    VCase(lens_q=(100, 67, 3), lens_k=(140, 67, 70), window=(40, -1), softcap=2.0,
+          slots=(0, 1, 0), num_slots=2, head_dim=24),
+    VCase(lens_q=(80, 129), lens_k=(129, 65), causal=False, window=(20, 30), hkv=1, rope=False),
+    # The 4-D layout, a slot per batch element.
+    VCase(lens_q=(70, 70, 70), lens_k=(90, 90, 90), packed=False, slots=(1, 0, 1),
+          num_slots=3, head_dim=32, bias=True),
+    VCase(lens_q=(96, 0, 33), lens_k=(96, 7, 40), slots=(1, 1, 0), num_slots=2,
+          dtype=torch.bfloat16, head_dim=32),
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", CPU_TILES, ids=repr)
+def test_cpu_across_tiles_matches_oracle_and_reference(case):
+    """Against the float64 oracle (check_varlen) and the reference backend's packed op in
+    the same dtype."""
+    seed = hash(repr(case)) % 2**31
+    out, gate, grads = check_varlen("cpu", case, seed=seed)
+    ref = run_backend("reference", case, make_varlen_inputs(case, seed))
+    assert_matches(f"cpu vs reference on {case}", (out, gate, grads), ref, 2 * TOL[case.dtype])
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", [GRID[0], CPU_TILES[0], CPU_TILES[1]], ids=repr)
+def test_cpu_deterministic_bit_identical(case):
+    t = make_varlen_inputs(case, 4)
+    first = run_backend("cpu", case, t)
+    for _ in range(2):
+        again = run_backend("cpu", case, t)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+        for n in NAMES:
+            if first[2][n] is not None:
+                assert torch.equal(first[2][n], again[2][n]), f"d{n} differs between runs"
+
+
+@needs_cpu
+def test_cpu_packed_equals_rectangular_batch():
+    """Equal-length packed sequences are the 4-D batch: the same kernels, bit for bit."""
+    case = VCase(lens_q=(70, 70), lens_k=(90, 90), slots=(1, 0), num_slots=2, bias=True)
+    t = make_varlen_inputs(case, 8)
+    rect = {**t, "kw": {"memory_index": t["kw"]["memory_index"]}}
+    for n in ("q", "k", "v", "cos", "sin"):
+        rect[n] = t[n].view(2, -1, *t[n].shape[1:])
+    packed = run_backend("cpu", case, t)
+    batched = run_backend("cpu", case.but(packed=False), rect)
+    assert torch.equal(packed[0], batched[0].flatten(0, 1))
+    assert torch.equal(packed[1], batched[1].flatten(0, 1))
+    for n in NAMES:
+        if packed[2][n] is not None:
+            assert torch.equal(packed[2][n], batched[2][n].reshape(packed[2][n].shape)), n
+
+
+def _cext_args(t):
+    return [t[n] for n in NAMES] + [t["cos"], t["sin"], True, 0.25, 3.0, 1.0]
+
+
+@needs_cpu
+@pytest.mark.parametrize("field,value,message", [
+    ("cu_seqlens_q", torch.tensor([0, 3, 2, 8, 9], dtype=torch.int32), "cu_seqlens_q must never decrease"),
+    ("cu_seqlens_k", torch.tensor([0, 4, 6, 11, 13], dtype=torch.int32), "cu_seqlens_k must start at 0 and end"),
+    ("max_seqlen_k", 4, "cu_seqlens_k must never decrease, nor step by more than max_seqlen"),
+    ("memory_index", torch.tensor([0, 3, 0, 1]), r"memory_index must hold slots in \[0, num_slots\)"),
+])
+def test_cpu_kernels_check_sequences_themselves(field, value, message):
+    """Under torch.compile dispatch cannot read the index tensors, so the compiled module
+    checks them before reading through them: a ValueError, never a crash."""
+    case = VCase(lens_k=(4, 2, 5, 1), slots=(0, 2, 0, 1), num_slots=3)
+    t = make_varlen_inputs(case, 0)
+    kw = {**t["kw"], field: value}
+    with pytest.raises(ValueError, match=message):
+        cext.forward("cpu", *_cext_args(t), **kw)
+
+
+@needs_cpu
+def test_cuda_kernels_refuse_sequences():
+    """The shared module's cuda entry points take no packed input or slots (dispatch never
+    sends them; a direct call is refused, not misread)."""
+    if not cext._C.build_info()["cuda"]:
+        pytest.skip("built without CUDA")
+    case = VCase(lens_k=(4, 2, 5, 1), slots=(0, 2, 0, 1), num_slots=3)
+    t = make_varlen_inputs(case, 0)
+    with pytest.raises(ValueError, match="take no packed sequences or memory slots"):
+        cext.forward("cuda", *_cext_args(t), **t["kw"])

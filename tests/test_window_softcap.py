@@ -1,17 +1,21 @@
 """Sliding windows (window_size, FlashAttention's convention) and soft-capping (softcap) on
 every backend that serves them: the float64 oracle, all gradients, GQA, Nq != Nk, rows that
-see no key, validation, and the backends that decline them."""
+see no key, validation, and the backends that decline them.  The fused backends also: blocks
+wholly outside the window are never read, and the backward is bit-reproducible.
+
+`make test-triton-lane` runs the triton cases again under Triton 3.6."""
 
 import pytest
 import torch
 
 import lift_kernels
 from lift_kernels import GatedMemory, dispatch, gated_memory_attention
-from lift_kernels.ops.reference import visible_mask
+from lift_kernels.ops.reference import gated_memory_attention_reference, visible_mask
 
 from helpers import NAMES, Case, check_against_oracle, make_inputs, rel_err, run
 
-BACKENDS = ["reference", "torch"] + (["cpu"] if "cpu" in lift_kernels.available_backends() else [])
+FUSED = [b for b in ("cpu", "triton") if b in lift_kernels.available_backends()]
+BACKENDS = ["reference", "torch"] + FUSED
 
 W = Case(nq=37, nk=37)
 GRID = [
@@ -101,15 +105,93 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="lift_kernels._C is not built")
-def test_cpu_backward_is_bit_reproducible():
-    case = Case(batch=2, nq=130, nk=130, hq=4, hkv=2, window_size=(50, -1), softcap=3.0)
+# Several tiles of each backend (64 rows on cpu, 16 under the Triton interpreter).
+REPRODUCIBLE = {"cpu": Case(batch=2, nq=130, nk=130, hq=4, hkv=2, window_size=(50, -1),
+                            softcap=3.0),
+                "triton": Case(batch=2, nq=40, nk=40, hq=2, hkv=1, window_size=(20, -1),
+                               softcap=3.0, bias=True)}
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backward_is_bit_reproducible(backend):
+    case = REPRODUCIBLE[backend]
+    check_against_oracle(backend, case, seed=12, deterministic=True)
     inputs = make_inputs(case, 11)
-    first = run("cpu", case, inputs, deterministic=True)[2]
-    second = run("cpu", case, inputs, deterministic=True)[2]
+    first = run(backend, case, inputs, deterministic=True)[2]
+    second = run(backend, case, inputs, deterministic=True)[2]
     for name in NAMES:
         if first[name] is not None:
             assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="triton is not available here")
+@pytest.mark.parametrize("window,causal", [((0, 0), False), ((2, 1), False), ((100, 100), False),
+                                           ((100, -1), True), ((0, -1), True)])
+def test_triton_kernels_take_any_window_side(window, causal):
+    """The kernels called directly (dispatch turns sides >= N - 1 into -1 before they get
+    there): sides 0, small, and wider than the sequences, forward and every gradient."""
+    from lift_kernels.ops import triton_attention
+    case = Case(batch=1, nq=21, nk=34, hq=2, hkv=1, causal=causal, softcap=2.0, bias=True)
+    t = make_inputs(case, 13)
+    scale = case.head_dim ** -0.5
+    leaves = {n: None if t[n] is None else t[n].clone().requires_grad_() for n in NAMES}
+    out, gate = gated_memory_attention_reference(
+        *(leaves[n] for n in NAMES), t["cos"].double(), t["sin"].double(), causal=causal,
+        window_size=window, softcap=case.softcap)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+    (out.double() * dout).sum().backward()
+    cos, sin = t["cos"].expand(1, -1, -1), t["sin"].expand(1, -1, -1)
+    args = [t[n] for n in NAMES] + [cos, sin, causal, scale, 3.0, 1.0]
+    got, got_gate, lse, attn = triton_attention.forward("triton", *args, window_size=window,
+                                                        softcap=case.softcap)
+    grads = triton_attention.backward(
+        "triton", dout.float(), None, *args[:12], got_gate, lse, attn, causal, scale, 3.0, 1.0,
+        False, window_size=window, softcap=case.softcap)
+    assert rel_err(got, out) < 1e-5 and rel_err(got_gate, gate) < 1e-5
+    for name, grad in zip(NAMES, grads):
+        if leaves[name] is not None:
+            assert rel_err(grad, leaves[name].grad) < 1e-5, name
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="triton is not available here")
+def test_triton_never_reads_blocks_outside_the_window():
+    """Cost grows with the window: NaN in keys/values (forward, dq) or in queries and dO
+    (dK/dV) that no row of a tile can see never reaches that tile, which a loop over every
+    block with a mask would let through (0 * NaN).  16-row tiles under the interpreter."""
+    from lift_kernels.ops import triton_attention
+    n, left = 96, 20
+    case = Case(batch=1, nq=n, nk=n, hq=2, hkv=1, rope=False)
+    t = make_inputs(case, 14)
+    scale = case.head_dim ** -0.5
+    settings = (True, scale, 3.0, 1.0)
+    for name in ("k", "v"):
+        t[name][:, :16] = float("nan")  # the first key block
+    args = [t[x] for x in NAMES] + [None, None]
+    out, gate, lse, attn = triton_attention.forward("triton", *args, *settings,
+                                                    window_size=(left, -1))
+    dout = torch.randn_like(out)
+    dq = triton_attention.backward("triton", dout, None, *args, gate, lse, attn, *settings,
+                                   False, window_size=(left, -1))[0]
+    # The tile of rows [m, m + 16) reads key blocks from (m - left) // 16 on: from m = 48 on
+    # not the first one.
+    first_clean = 48
+    assert torch.isnan(out[:, :16]).all()
+    assert torch.isfinite(out[:, first_clean:]).all() and torch.isfinite(dq[:, first_clean:]).all()
+
+    t = make_inputs(case, 15)
+    args = [t[x] for x in NAMES] + [None, None]
+    out, gate, lse, attn = triton_attention.forward("triton", *args, *settings,
+                                                    window_size=(left, -1))
+    dout = torch.randn_like(out)
+    dout[:, -16:] = float("nan")  # the last query block's upstream gradient
+    dk, dv = triton_attention.backward("triton", dout, None, *args, gate, lse, attn, *settings,
+                                       False, window_size=(left, -1))[1:3]
+    # The key block [s, s + 16) is read by the query tiles up to row s + 15 + left: those
+    # with s + 15 + left < 80 (s <= 32) never read the last tile.
+    last_clean = 48
+    assert torch.isnan(dk[:, -1]).all()
+    assert torch.isfinite(dk[:, :last_clean]).all() and torch.isfinite(dv[:, :last_clean]).all()
 
 
 def _problem(**kw):
@@ -122,12 +204,10 @@ def _problem(**kw):
 @pytest.mark.parametrize("kw", [dict(window_size=(4, -1)), dict(softcap=2.0)])
 def test_backends_without_the_features_decline_and_auto_falls_back(kw):
     problem = _problem(**kw)
-    for name in ("triton", "cuda"):
-        reason = dispatch.unsupported_reason(name, problem)
-        assert reason is not None
+    assert dispatch.unsupported_reason("cuda", problem) is not None
     assert dispatch.choose_backend("auto", problem) in ("cpu", "torch")
-    if dispatch.unsupported_reason("triton", _problem()) is None:  # triton serves the plain call
-        assert "window" in dispatch.unsupported_reason("triton", problem)
+    for name in FUSED:  # those that serve the plain call serve this one too
+        assert dispatch.unsupported_reason(name, problem) is None, name
 
 
 def test_window_is_normalised():

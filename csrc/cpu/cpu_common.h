@@ -3,9 +3,9 @@
 //
 // Speed without -march flags: the matrix multiplies (gemm.cpp) and the per-work-item
 // functions of fwd.cpp/bwd.cpp are compiled several times with LIFT_CPU_MULTIVERSION (GCC
-// function multiversioning: AVX-512, AVX2 and a baseline clone, picked at load time by the
-// CPU), and the element-wise helpers here are force-inlined into each clone, so one binary
-// runs everywhere and uses the widest vectors the machine has.
+// function multiversioning: AVX-512, x86-64-v3 (AVX2 with FMA) and a baseline clone, picked
+// at load time by the CPU), and the element-wise helpers here are force-inlined into each
+// clone, so one binary runs everywhere and uses the widest vectors the machine has.
 #pragma once
 
 #include <algorithm>
@@ -18,7 +18,8 @@
 
 #define LIFT_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LIFT_CPU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define LIFT_CPU_MULTIVERSION \
+  __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define LIFT_CPU_MULTIVERSION
 #endif
@@ -142,34 +143,48 @@ void gemm_tn(int M, int N, int K, const float* A, int64_t lda, const float* B, i
 // ---- weights, padded and packed once per call ----------------------------------------------
 
 // The weights, float32 and zero-padded to Dp = pad16(D), Mp = pad16(M), Rp = pad16(R), so
-// padded hidden units stay exactly zero.  Per head h: w1 [Dp][Mp], w2 [Mp][Dp], g1 [Dp][Rp],
-// their transposes w1t [Mp][Dp], w2t [Dp][Mp], g1t [Rp][Dp], and b1 [Mp], b2 [Dp], c1, g2 [Rp].
+// padded hidden units stay exactly zero.  Per memory head mh = slot * Hq + h (slot 0 without
+// memory slots): w1 [Dp][Mp], w2 [Mp][Dp], g1 [Dp][Rp], their transposes w1t [Mp][Dp],
+// w2t [Dp][Mp], g1t [Rp][Dp], and b1 [Mp], b2 [Dp], c1, g2 [Rp].
 struct PackedWeights {
-  int64_t dp, mp, rp;
+  int64_t dp, mp, rp, hq;
   std::vector<float> w1, w2, g1, w1t, w2t, g1t, b1, b2, c1, g2;
 
   explicit PackedWeights(const AttnParams& p);
-  const float* W1(int64_t h) const { return w1.data() + h * dp * mp; }
-  const float* W2(int64_t h) const { return w2.data() + h * dp * mp; }
-  const float* G1(int64_t h) const { return g1.data() + h * dp * rp; }
-  const float* W1t(int64_t h) const { return w1t.data() + h * dp * mp; }
-  const float* W2t(int64_t h) const { return w2t.data() + h * dp * mp; }
-  const float* G1t(int64_t h) const { return g1t.data() + h * dp * rp; }
-  const float* B1(int64_t h) const { return b1.data() + h * mp; }
-  const float* B2(int64_t h) const { return b2.data() + h * dp; }
-  const float* C1(int64_t h) const { return c1.data() + h * rp; }
-  const float* G2(int64_t h) const { return g2.data() + h * rp; }
+  int64_t head(int64_t slot, int64_t h) const { return slot * hq + h; }
+  const float* W1(int64_t mh) const { return w1.data() + mh * dp * mp; }
+  const float* W2(int64_t mh) const { return w2.data() + mh * dp * mp; }
+  const float* G1(int64_t mh) const { return g1.data() + mh * dp * rp; }
+  const float* W1t(int64_t mh) const { return w1t.data() + mh * dp * mp; }
+  const float* W2t(int64_t mh) const { return w2t.data() + mh * dp * mp; }
+  const float* G1t(int64_t mh) const { return g1t.data() + mh * dp * rp; }
+  const float* B1(int64_t mh) const { return b1.data() + mh * mp; }
+  const float* B2(int64_t mh) const { return b2.data() + mh * dp; }
+  const float* C1(int64_t mh) const { return c1.data() + mh * rp; }
+  const float* G2(int64_t mh) const { return g2.data() + mh * rp; }
 };
 
-// Keys and values as float32 [Nk][Dp] blocks, one per (batch, kv head), zero-padded.
+// Keys and values as float32 [Nk][Dp] blocks, one per (sequence, kv head), zero-padded;
+// sequence by sequence in row order, so the blocks of a sequence start at k_row * Hkv rows.
 struct PackedKV {
-  int64_t dp, nk, hkv;
+  int64_t dp, hkv;
   std::vector<float> k, v;
 
   explicit PackedKV(const AttnParams& p);
-  const float* K(int64_t b, int64_t kvh) const { return k.data() + (b * hkv + kvh) * nk * dp; }
-  const float* V(int64_t b, int64_t kvh) const { return v.data() + (b * hkv + kvh) * nk * dp; }
+  int64_t offset(const Sequence& seq, int64_t kvh) const {
+    return (seq.k_row * hkv + kvh * seq.nk) * dp;
+  }
+  const float* K(const Sequence& seq, int64_t kvh) const { return k.data() + offset(seq, kvh); }
+  const float* V(const Sequence& seq, int64_t kvh) const { return v.data() + offset(seq, kvh); }
 };
+
+// Rows of q (and of k) over all sequences: total_q (total_k) when packed, else B * Nq (Nk).
+inline int64_t total_rows_q(const AttnParams& p) {
+  return p.cu_seqlens_q ? p.total_q : p.batch * p.nq;
+}
+inline int64_t total_rows_k(const AttnParams& p) {
+  return p.cu_seqlens_k ? p.total_k : p.batch * p.nk;
+}
 
 // The right bound of the visible keys as an offset from the diagonal, -1 for none.
 inline int64_t right_bound(const AttnParams& p) {
@@ -177,30 +192,33 @@ inline int64_t right_bound(const AttnParams& p) {
   return p.window_right < 0 ? 0 : std::min<int64_t>(p.window_right, 0);
 }
 
-// The visible keys of the query rows [i0, i0 + rows): from visible_key_begin (that of row
-// i0) to one past visible_key_end (that of the last row); keys outside are never touched.
-inline int64_t visible_key_begin(const AttnParams& p, int64_t i0) {
+// The visible keys of a sequence's query rows [i0, i0 + rows): from visible_key_begin (that
+// of row i0) to one past visible_key_end (that of the last row); keys outside are never
+// touched.  Bottom-right within the sequence (its own nq, nk).
+inline int64_t visible_key_begin(const AttnParams& p, const Sequence& seq, int64_t i0) {
   if (p.window_left < 0) return 0;
-  return std::clamp<int64_t>(i0 + p.nk - p.nq - p.window_left, 0, p.nk);
+  return std::clamp<int64_t>(i0 + seq.nk - seq.nq - p.window_left, 0, seq.nk);
 }
 
-inline int64_t visible_key_end(const AttnParams& p, int64_t i0, int64_t rows) {
+inline int64_t visible_key_end(const AttnParams& p, const Sequence& seq, int64_t i0,
+                               int64_t rows) {
   const int64_t right = right_bound(p);
-  if (right < 0) return p.nk;
-  return std::clamp<int64_t>(i0 + rows + p.nk - p.nq + right, 0, p.nk);
+  if (right < 0) return seq.nk;
+  return std::clamp<int64_t>(i0 + rows + seq.nk - seq.nq + right, 0, seq.nk);
 }
 
 // Sets the scores st[key][row] (row stride kBM) of rows [i0, i0 + rows) x keys
 // [j0, j0 + cols) that are not visible to -inf; a block wholly inside is left as it is.
-LIFT_INLINE void mask_scores(const AttnParams& p, int64_t i0, int rows, int64_t j0, int cols,
-                             float* st) {
-  const int64_t diag = p.nk - p.nq, right = right_bound(p);
+LIFT_INLINE void mask_scores(const AttnParams& p, const Sequence& seq, int64_t i0, int rows,
+                             int64_t j0, int cols, float* st) {
+  const int64_t diag = seq.nk - seq.nq, right = right_bound(p);
   const bool left_inside = p.window_left < 0 || j0 >= i0 + rows - 1 + diag - p.window_left;
   const bool right_inside = right < 0 || j0 + cols - 1 <= i0 + diag + right;
   if (left_inside && right_inside) return;
   for (int jj = 0; jj < cols; ++jj)
     for (int r = 0; r < rows; ++r)
-      if (!key_visible(i0 + r, j0 + jj, p.nq, p.nk, p.causal, p.window_left, p.window_right))
+      if (!key_visible(i0 + r, j0 + jj, seq.nq, seq.nk, p.causal, p.window_left,
+                       p.window_right))
         st[jj * kBM + r] = -INFINITY;
 }
 

@@ -3,8 +3,10 @@
 // as csrc/cuda/fwd.cu, tile for tile; O(N) memory: a query tile's scores live in one
 // kBN x kBM buffer, never an Nq x Nk matrix.
 //
-// Work item = (batch, query head); each runs its query tiles in order and writes its own
-// rows of out/attn/gate/lse, so the result is the same whatever the thread count.
+// Work item = (sequence, query head): a batch element, or a packed sequence with its own
+// rows, lengths and memory slot (gated_attention.h's Sequence).  Each runs its query tiles in
+// order and writes its own rows of out/attn/gate/lse, so the result is the same whatever the
+// thread count.
 #include "cpu/cpu_common.h"
 
 namespace lift {
@@ -20,7 +22,8 @@ struct FwdScratch {
         st(kBN * kBM), o(kBM * dp), m(kBM), l(kBM), alpha(kBM), msafe(kBM), gate(kBM) {}
 };
 
-// The memory MLP and the gate of the first np rows of a query tile: mem [np][Dp], gate [np].
+// The memory MLP and the gate of the first np rows of a query tile: mem [np][Dp], gate [np];
+// h is the memory head (PackedWeights::head: the sequence's slot and the query head).
 LIFT_INLINE void memory_and_gate(const AttnParams& p, const PackedWeights& w, int64_t h, int np,
                                  FwdScratch& s) {
   const int dp = w.dp, mp = w.mp, rp = w.rp;
@@ -46,24 +49,26 @@ template <DType T>
 LIFT_INLINE void forward_head(const AttnParams& p, const PackedWeights& w, const PackedKV& kv,
                               int64_t b, int64_t h) {
   const int D = static_cast<int>(p.head_dim), dp = w.dp, half = D / 2;
+  const Sequence seq = sequence(p, b);
+  if (seq.nq == 0) return;
   FwdScratch s(w.dp, w.mp, w.rp);
-  const float* K = kv.K(b, h / (p.hq / p.hkv));
-  const float* V = kv.V(b, h / (p.hq / p.hkv));
+  const float* K = kv.K(seq, h / (p.hq / p.hkv));
+  const float* V = kv.V(seq, h / (p.hq / p.hkv));
 
-  for (int64_t i0 = 0; i0 < p.nq; i0 += kBM) {
-    const int rows = static_cast<int>(std::min<int64_t>(kBM, p.nq - i0));
+  for (int64_t i0 = 0; i0 < seq.nq; i0 += kBM) {
+    const int rows = static_cast<int>(std::min<int64_t>(kBM, seq.nq - i0));
     // Rows computed: whole vectors, so a short tile (decode: Nq = 1) costs 16 rows, not 64.
     const int np = static_cast<int>(pad16(rows));
-    load_tile<T>(p.q, b * p.q_stride.batch + i0 * p.q_stride.row + h * p.q_stride.head,
-                 p.q_stride.row, rows, D, s.qf.data(), dp, kBM);
-    memory_and_gate(p, w, h, np, s);
+    load_tile<T>(p.q, seq.q_off + i0 * p.q_stride.row + h * p.q_stride.head, p.q_stride.row,
+                 rows, D, s.qf.data(), dp, kBM);
+    memory_and_gate(p, w, w.head(seq.slot, h), np, s);
 
     // The rotated query, times the softmax scale, transposed: qrt[e][r].
     std::fill(s.qrt.begin(), s.qrt.end(), 0.f);
     for (int r = 0; r < rows; ++r) {
       const float* x = s.qf.data() + r * dp;
       if (p.cos) {
-        const int64_t off = b * p.rope_batch_stride + (i0 + r) * p.rope_row_stride;
+        const int64_t off = seq.rope_off + (i0 + r) * p.rope_row_stride;
         for (int e = 0; e < D; ++e)
           s.qrt[e * kBM + r] = rope_element(x, p.cos + off, p.sin + off, e, half) * p.scale;
       } else {
@@ -75,13 +80,13 @@ LIFT_INLINE void forward_head(const AttnParams& p, const PackedWeights& w, const
     std::fill(s.l.begin(), s.l.end(), 0.f);
     std::fill(s.o.begin(), s.o.end(), 0.f);
     // Only the keys the tile's rows can see (the causal diagonal, the sliding window).
-    const int64_t kend = visible_key_end(p, i0, rows);
-    for (int64_t j0 = visible_key_begin(p, i0); j0 < kend; j0 += kBN) {
+    const int64_t kend = visible_key_end(p, seq, i0, rows);
+    for (int64_t j0 = visible_key_begin(p, seq, i0); j0 < kend; j0 += kBN) {
       const int cols = static_cast<int>(std::min<int64_t>(kBN, kend - j0));
       float* st = s.st.data();
       gemm_nn(cols, np, dp, K + j0 * dp, dp, s.qrt.data(), kBM, st, kBM, false);
       if (p.softcap > 0.f) softcap_scores(p.softcap, st, cols * kBM, nullptr);
-      mask_scores(p, i0, np, j0, cols, st);
+      mask_scores(p, seq, i0, np, j0, cols, st);
 
       // Online softmax: new row max, rescale factor, exponentials, row sums.
       float mb[kBM], rowsum[kBM];
@@ -108,11 +113,11 @@ LIFT_INLINE void forward_head(const AttnParams& p, const PackedWeights& w, const
     }
 
     for (int r = 0; r < rows; ++r) {
-      const int64_t row = (b * p.nq + i0 + r) * p.hq + h;  // [B, Nq, Hq] index
+      const int64_t row = (seq.q_row + i0 + r) * p.hq + h;  // [rows, Hq] index
       const float inv = s.l[r] > 0.f ? 1.f / s.l[r] : 0.f;
       const float g = s.gate[r];
       p.gate[row] = g;
-      p.lse[(b * p.hq + h) * p.nq + i0 + r] = softmax_lse(s.m[r], s.l[r]);
+      p.lse[seq.lse_off + h * seq.lse_head_stride + i0 + r] = softmax_lse(s.m[r], s.l[r]);
       for (int e = 0; e < D; ++e) {
         const float a = s.o[r * dp + e] * inv;
         store_elem<T>(p.attn, row * D + e, a);

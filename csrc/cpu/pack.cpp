@@ -5,8 +5,9 @@ namespace lift {
 namespace cpu {
 
 PackedWeights::PackedWeights(const AttnParams& p)
-    : dp(pad16(p.head_dim)), mp(pad16(p.mem_hidden)), rp(pad16(p.gate_hidden)) {
-  const int64_t H = p.hq, D = p.head_dim, M = p.mem_hidden, R = p.gate_hidden;
+    : dp(pad16(p.head_dim)), mp(pad16(p.mem_hidden)), rp(pad16(p.gate_hidden)), hq(p.hq) {
+  // Memory slots are [K, Hq, ...]: as K * Hq heads, memory head mh = slot * Hq + h.
+  const int64_t H = p.num_slots * p.hq, D = p.head_dim, M = p.mem_hidden, R = p.gate_hidden;
   w1.assign(H * dp * mp, 0.f);
   w2.assign(H * dp * mp, 0.f);
   w1t.assign(H * dp * mp, 0.f);
@@ -48,14 +49,15 @@ template <DType T>
 void pack_kv(const AttnParams& p, PackedKV& kv) {
   const int D = static_cast<int>(p.head_dim), dp = static_cast<int>(kv.dp);
   parallel_for(p.batch * p.hkv, [&](int64_t item) {
-    const int64_t b = item / p.hkv, h = item % p.hkv;
-    float* k = kv.k.data() + item * p.nk * dp;
-    float* v = kv.v.data() + item * p.nk * dp;
-    for (int64_t j0 = 0; j0 < p.nk; j0 += kBN) {
-      const int rows = static_cast<int>(std::min<int64_t>(kBN, p.nk - j0));
-      load_tile<T>(p.k, b * p.k_stride.batch + j0 * p.k_stride.row + h * p.k_stride.head,
+    const Sequence seq = sequence(p, item / p.hkv);
+    const int64_t h = item % p.hkv;
+    float* k = kv.k.data() + kv.offset(seq, h);
+    float* v = kv.v.data() + kv.offset(seq, h);
+    for (int64_t j0 = 0; j0 < seq.nk; j0 += kBN) {
+      const int rows = static_cast<int>(std::min<int64_t>(kBN, seq.nk - j0));
+      load_tile<T>(p.k, seq.k_off + j0 * p.k_stride.row + h * p.k_stride.head,
                    p.k_stride.row, rows, D, k + j0 * dp, dp, rows);
-      load_tile<T>(p.v, b * p.v_stride.batch + j0 * p.v_stride.row + h * p.v_stride.head,
+      load_tile<T>(p.v, seq.v_off + j0 * p.v_stride.row + h * p.v_stride.head,
                    p.v_stride.row, rows, D, v + j0 * dp, dp, rows);
     }
   });
@@ -64,9 +66,9 @@ void pack_kv(const AttnParams& p, PackedKV& kv) {
 }  // namespace
 
 PackedKV::PackedKV(const AttnParams& p)
-    : dp(pad16(p.head_dim)), nk(p.nk), hkv(p.hkv),
-      k(static_cast<size_t>(p.batch * p.hkv * p.nk * dp)),
-      v(static_cast<size_t>(p.batch * p.hkv * p.nk * dp)) {
+    : dp(pad16(p.head_dim)), hkv(p.hkv),
+      k(static_cast<size_t>(total_rows_k(p) * p.hkv * dp)),
+      v(static_cast<size_t>(total_rows_k(p) * p.hkv * dp)) {
   switch (p.dtype) {
     case DType::kFloat32: pack_kv<DType::kFloat32>(p, *this); break;
     case DType::kBFloat16: pack_kv<DType::kBFloat16>(p, *this); break;

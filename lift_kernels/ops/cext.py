@@ -7,7 +7,10 @@ strides (in elements), the dtype and, on CUDA, the current stream.
 
 Contract (function.py's module docstring): ``forward`` returns (out, gate, lse, attn) and
 ``backward`` the ten gradients.  Shapes: q [B, Nq, Hq, D]; k, v [B, Nk, Hkv, D]; weights as
-in SPEC section 1; cos/sin [B, Nq, D] float32 or None.
+in SPEC section 1; cos/sin [B, Nq, D] float32 or None.  The ``cpu`` kernels also take packed
+sequences (q [total_q, Hq, D], k, v [total_k, Hkv, D], cos/sin [total_q, D]; gate
+[total_q, Hq], lse [Hq, total_q]) and memory slots (weights [K, Hq, ...]) through the
+keywords cu_seqlens_q/k, max_seqlen_q/k and memory_index; the ``cuda`` kernels do not yet.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ else:
     _IMPORT_ERROR = None
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The backends of this module that take packed sequences and memory slots (dispatch.py reads
+# this: a module serving several backends may name some of them).
+SUPPORTS_VARLEN = ("cpu",)
 # The CUDA kernels' tiles are 16-bit (csrc/cuda/launch.h lists the head dims).
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -79,11 +85,15 @@ def _weight(t):
 
 
 def _strides(t):
+    """(batch, row, head) element strides; a packed [total, H, D] tensor has no batch."""
+    if t.dim() == 3:
+        return (0, t.stride(0), t.stride(1))
     return (t.stride(0), t.stride(1), t.stride(2))
 
 
 def _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
-            gate_shift, window_size, softcap):
+            gate_shift, window_size, softcap, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q=None, max_seqlen_k=None, memory_index=None):
     """The AttnParams fields shared by forward and backward, and the tensors they point to
     (kept alive by the caller for the duration of the call)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -93,15 +103,19 @@ def _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_s
         sin = _last_dim_contiguous(sin.to(torch.float32))
         if cos.stride() != sin.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
-    batch, nq, hq, d = q.shape
+    hq, d = q.shape[-2:]
+    if cu_seqlens_q is not None:  # packed: S sequences, each at most max_seqlen_q/k long
+        batch, nq, nk = cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k
+    else:
+        batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
     fields = dict(
-        batch=batch, nq=nq, nk=k.shape[1], hq=hq, hkv=k.shape[2], head_dim=d,
-        mem_hidden=w1.shape[2], gate_hidden=g1.shape[2], dtype=_DTYPE_CODES[q.dtype],
+        batch=batch, nq=nq, nk=nk, hq=hq, hkv=k.shape[-2], head_dim=d,
+        mem_hidden=w1.shape[-1], gate_hidden=g1.shape[-1], dtype=_DTYPE_CODES[q.dtype],
         q=_ptr(q), k=_ptr(k), v=_ptr(v),
         q_stride=_strides(q), k_stride=_strides(k), v_stride=_strides(v),
         cos=_ptr(cos), sin=_ptr(sin),
-        rope_batch_stride=cos.stride(0) if cos is not None else 0,
-        rope_row_stride=cos.stride(1) if cos is not None else 0,
+        rope_batch_stride=cos.stride(0) if cos is not None and cos.dim() == 3 else 0,
+        rope_row_stride=cos.stride(-2) if cos is not None else 0,
         scale=float(scale), gate_scale=float(gate_scale), gate_shift=float(gate_shift),
         causal=bool(causal), window_left=int(window_size[0]), window_right=int(window_size[1]),
         softcap=float(softcap),
@@ -109,7 +123,17 @@ def _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_s
     )
     for key, t in zip(("w1", "b1", "w2", "b2", "g1", "c1", "g2"), weights):
         fields[key] = _ptr(t)
-    return fields, [q, k, v, cos, sin, *weights]
+    keep = [q, k, v, cos, sin, *weights]
+    if cu_seqlens_q is not None:
+        cu_q, cu_k = (t.to(torch.int32).contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
+        fields.update(cu_seqlens_q=_ptr(cu_q), cu_seqlens_k=_ptr(cu_k), total_q=q.shape[0],
+                      total_k=k.shape[0])
+        keep += [cu_q, cu_k]
+    if memory_index is not None:
+        index = memory_index.to(torch.int64).contiguous()
+        fields.update(memory_index=_ptr(index), num_slots=w1.shape[0])
+        keep.append(index)
+    return fields, keep
 
 
 def _mma_weights(w1, w2, g1, dtype) -> dict:
@@ -173,16 +197,20 @@ def _call(name: str, direction: str, fields: dict, device: torch.device):
 
 
 def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
-            gate_shift, window_size=(-1, -1), softcap=0.0):
+            gate_shift, window_size=(-1, -1), softcap=0.0, **varlen):
     """Returns out [B, Nq, Hq, D], gate [B, Nq, Hq] float32, lse [B, Hq, Nq] float32 and
-    attn [B, Nq, Hq, D] (the attention-only output the backward reads)."""
+    attn [B, Nq, Hq, D] (the attention-only output the backward reads); packed: out, attn
+    [total_q, Hq, D], gate [total_q, Hq], lse [Hq, total_q].  `varlen`: cu_seqlens_q/k,
+    max_seqlen_q/k, memory_index (cpu only)."""
     fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
-                           gate_scale, gate_shift, window_size, softcap)
-    batch, nq, hq, _ = q.shape
+                           gate_scale, gate_shift, window_size, softcap, **varlen)
     out = _alloc(q.shape, q.dtype, q.device)
     attn = _alloc(q.shape, q.dtype, q.device)
-    gate = _alloc((batch, nq, hq), torch.float32, q.device)
-    lse = _alloc((batch, hq, nq), torch.float32, q.device)
+    gate = _alloc(q.shape[:-1], torch.float32, q.device)
+    if q.dim() == 3:  # packed
+        lse = _alloc((q.shape[1], q.shape[0]), torch.float32, q.device)
+    else:
+        lse = _alloc((q.shape[0], q.shape[2], q.shape[1]), torch.float32, q.device)
     fields.update(out=_ptr(out), attn=_ptr(attn), gate=_ptr(gate), lse=_ptr(lse))
     if name == "cuda":
         mma = _mma_weights(w1, w2, g1, q.dtype)
@@ -195,15 +223,15 @@ def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, 
 
 def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, gate, lse,
              attn, causal, scale, gate_scale, gate_shift, deterministic, window_size=(-1, -1),
-             softcap=0.0):
+             softcap=0.0, **varlen):
     """Returns (dq, dk, dv, dw1, db1, dw2, db2, dg1, dc1, dg2), each in its input's dtype,
-    None for an absent bias.  dgate [B, Nq, Hq] may be None.
+    None for an absent bias.  dgate [B, Nq, Hq] ([total_q, Hq] packed) may be None.
 
     `deterministic` asks nothing of these kernels: both reduce every sum in a fixed order
     without atomics, so their backward is always bit-reproducible."""
     del deterministic
     fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
-                           gate_scale, gate_shift, window_size, softcap)
+                           gate_scale, gate_shift, window_size, softcap, **varlen)
     dout = _last_dim_contiguous(dout.to(q.dtype))
     gate, lse = gate.float().contiguous(), lse.float().contiguous()
     attn = attn.to(q.dtype).contiguous()

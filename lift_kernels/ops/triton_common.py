@@ -54,13 +54,19 @@ ATTENTION_HEURISTICS = {
     "HAS_ROPE": lambda a: a["COS"] is not None,
     "DOT_DTYPE": dot_dtype,
     "PRECISION": dot_precision,
+    "HAS_SOFTCAP": lambda a: a["SOFTCAP"] > 0,
+    "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 }
+# The window's bounds are runtime ints that vary with the shapes (an unbounded side is
+# Nq + Nk): not specialised on (divisibility by 16, == 1), so they add no compiles.
+WINDOW_ARGS = ["LEFT", "RIGHT"]
 # Kernels that also run the memory MLP and the gate.
 WEIGHT_HEURISTICS = {
     "BLOCK_R": lambda a: _pow2(a["GATE_HIDDEN"]),
     "HAS_B1": lambda a: a["B1"] is not None,
     "HAS_B2": lambda a: a["B2"] is not None,
     "HAS_C1": lambda a: a["C1"] is not None,
+    "HAS_SLOTS": lambda a: a["SLOTS"] is not None,
 }
 
 
@@ -174,12 +180,18 @@ def prune_configs(kind, configs, named_args, **kwargs):
     tiles; for float32 inputs single-stage small tiles only (exact fp32 dots run on FMA
     units, and a pipelined dK/dV tile at D=256 asked for 533 KB of shared memory).  A list
     with none of TUNED's configurations (the interpreter's) is kept as it is.  The
-    autotuner passes positional arguments (Q) as named_args and keywords (HEAD_DIM) as
-    kwargs; LIFT_KERNELS_TRITON_CONFIGS=N keeps the first N."""
+    autotuner passes positional arguments (Q) as named_args and keywords (HEAD_DIM,
+    WINDOWED) as kwargs; LIFT_KERNELS_TRITON_CONFIGS=N keeps the first N."""
     d = kwargs["HEAD_DIM"] if "HEAD_DIM" in kwargs else named_args["HEAD_DIM"]
+    windowed = kwargs.get("WINDOWED", named_args.get("WINDOWED", False))
     if d <= 128:
         by_key = {config_key(c): c for c in configs}
         kept = [by_key[k] for k in TUNED[kind, 64 if d <= 64 else 128] if k in by_key]
+        if kind == "fwd" and windowed and d > 64:
+            # The window's mask tips the 128x128 forward tiles (255 registers with the
+            # causal mask) into reloading spilled values in the key loop: sm_90a compile
+            # report, bench/RESULTS.md.  128x64 is the largest clean tile.
+            kept = [c for c in kept if c.kwargs["BLOCK_N"] < 128]
         kept = kept or configs
     else:
         kept = [c for c in configs if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 32
@@ -190,6 +202,30 @@ def prune_configs(kind, configs, named_args, **kwargs):
                 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
     kept = kept or configs[-1:]
     return kept[:_LIMIT] if _LIMIT > 0 else kept
+
+
+@triton.jit
+def sequence(CU_Q, CU_K, SLOTS, b, NQ, NK, IS_VARLEN: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """Where program index b's sequence lies, as (batch, q0, k0, nq, nk, slot): packed input
+    (IS_VARLEN, buffers [1, total, ...]): batch 0, the sequence's first query and key rows
+    q0, k0 (int64, from cu_seqlens) and its lengths nq, nk (int32); else batch b, 0, 0, NQ,
+    NK.  slot: the sequence's memory slot SLOTS[b] (HAS_SLOTS), else 0."""
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        nq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        nk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        batch = b * 0
+    else:
+        q0 = 0
+        k0 = 0
+        nq = NQ
+        nk = NK
+        batch = b
+    slot = 0
+    if HAS_SLOTS:
+        slot = tl.load(SLOTS + b).to(tl.int64)
+    return batch, q0, k0, nq, nk, slot
 
 
 @triton.jit
@@ -247,3 +283,64 @@ def causal_bounds(start_m, NQ, NK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     end = tl.maximum(end, 0)
     full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
     return full_end, end
+
+
+@triton.jit
+def band_blocks(lo, hi, full_lo, full_hi, LIMIT, BLOCK: tl.constexpr):
+    """Block bounds of a loop over a sliding-window band: the indices in [lo, hi) are the
+    only ones any row of the tile can see, those in [full_lo, full_hi) all rows see.
+    Returns (lo, full_lo, full_hi, hi) clipped to [0, LIMIT), lo, full_lo, full_hi
+    multiples of BLOCK and lo <= full_lo <= full_hi, so that blocks [lo, full_lo) and
+    [full_hi, hi) need the mask and [full_lo, full_hi) none; blocks wholly outside the band
+    are never visited (cost grows with the window, not the sequence).  Negative values are
+    clipped before any division (the interpreter floors, compiled code truncates)."""
+    hi = tl.minimum(tl.maximum(hi, 0), LIMIT)
+    lo = tl.minimum(tl.maximum(lo, 0), hi) // BLOCK * BLOCK
+    hi_up = tl.cdiv(hi, BLOCK) * BLOCK
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo, 0), BLOCK) * BLOCK, lo), hi_up)
+    full_hi = tl.maximum(tl.maximum(tl.minimum(full_hi, hi), 0) // BLOCK * BLOCK, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def key_blocks(start_m, NQ, NK, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """Key range of the query block [start_m, start_m + BLOCK_M) as (lo, full_lo, full_hi,
+    hi): blocks [full_lo, full_hi) need no mask, [lo, full_lo) and [full_hi, hi) do (lo =
+    full_lo = 0 without a window).  Row i sees key j iff i + NK - NQ - LEFT <= j <= i + NK -
+    NQ + RIGHT (WINDOWED; the launcher makes RIGHT 0 when causal and an unbounded side wider
+    than the sequences), else as causal_bounds."""
+    if WINDOWED:
+        first = start_m + NK - NQ  # diagonals of the block's first and last rows
+        last = first + BLOCK_M - 1
+        lo, full_lo, full_hi, hi = band_blocks(first - LEFT, last + RIGHT + 1, last - LEFT,
+                                               first + RIGHT + 1, NK, BLOCK_N)
+    else:
+        full_hi, hi = causal_bounds(start_m, NQ, NK, BLOCK_M, BLOCK_N, CAUSAL)
+        lo = 0
+        full_lo = 0
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def skip_gap(it, GAP_AT, GAP):
+    """The block start of loop step `it` in a loop over both masked edges of a window band
+    at once, [lo, GAP_AT) then [GAP_AT + GAP, hi) (the unmasked middle cut out): one loop
+    rather than two, so the kernel keeps the plain kernel's two pipelined loops (a third
+    made the sm_90a forward at D=128 spill inside its key loop)."""
+    return tl.where(it >= GAP_AT, it + GAP, it)
+
+
+@triton.jit
+def in_window(rows, keys, SHIFT, LEFT, RIGHT):
+    """Whether query `rows` see `keys` (broadcast against each other) inside the window
+    around the bottom-right diagonal (SHIFT = NK - NQ); key_blocks' convention."""
+    offset = keys - (rows + SHIFT)
+    return (offset >= -LEFT) & (offset <= RIGHT)
+
+
+@triton.jit
+def tanh(x):
+    """tanh from one exp2 (tl has none): 1 - 2 / (e^2x + 1), +-1 without NaN at the ends;
+    near 0 its absolute error is a float32 ulp, which is what the softmax sees."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
