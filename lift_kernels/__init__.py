@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .function import gated_memory_attention
-from .memory import GatedMemory, GatedMemoryConfig
-from .dispatch import BACKENDS
+import importlib
+import importlib.util
+
 from .install import build_info, warn_if_unbuilt
 
 warn_if_unbuilt()
@@ -18,21 +18,25 @@ def available_backends(device="cpu") -> list:
 
     problem = dispatch.Problem(1, 1, 1, 1, 1, 64, 128, 8, torch.float32, torch.float32,
                                torch.device(device), False, False, False, False, True)
-    return [b for b in BACKENDS[1:] if dispatch.unsupported_reason(b, problem) is None]
+    return [b for b in dispatch.BACKENDS[1:] if dispatch.unsupported_reason(b, problem) is None]
 
 
-# The HF integration (lift_kernels.hf), loaded on first use so that the kernels import
-# without transformers.
+# Everything that needs torch (or transformers) loads on first use: `import lift_kernels`
+# (and so `lift-kernels --help`) stays cheap, and the kernels import without transformers.
+_LAZY = {"gated_memory_attention": "function", "GatedMemory": "memory",
+         "GatedMemoryConfig": "memory", "BACKENDS": "dispatch"}
+# The HF integration (lift_kernels.hf).
 _HF_NAMES = ("replace_attention", "restore_attention", "freeze_base_model", "memory_parameters",
              "memory_disabled", "save_memory", "load_memory", "collect_gates",
              "supported_families", "memory_slots")
+_LAZY.update(dict.fromkeys(_HF_NAMES, "hf"))
 
 
 def __getattr__(name):
-    if name in _HF_NAMES:
-        from . import hf
-
-        return getattr(hf, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'lift_kernels' has no attribute {name!r}")
 
 

@@ -238,3 +238,22 @@ def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_many_documents_benchmark_smoke(tmp_path, capsys, restore_threads):
+    """bench/many.py in smoke mode: both sides of absorbing and of asking run, the JSON
+    holds their figures, and packed answers equal one-call-per-question answers."""
+    script = runpy.run_path(str(ROOT / "bench" / "many.py"), run_name="not_main")
+    results = script["main"](["--smoke", "--json", str(tmp_path / "many.json")])
+    saved = json.loads((tmp_path / "many.json").read_text())
+    assert saved["answers_identical"] is True
+    for side in ("one_by_one", "together"):
+        absorbed = saved["absorb"][side]
+        assert absorbed["tokens"] > 0 and absorbed["tokens_per_second"] > 0
+        assert saved["ask"][side]["questions_per_second"] > 0
+    # The same documents and schedule on both sides: the same trained tokens and steps.
+    assert saved["absorb"]["one_by_one"]["tokens"] == saved["absorb"]["together"]["tokens"]
+    assert saved["absorb"]["together"]["optimiser_steps"] == 2
+    assert saved["absorb"]["one_by_one"]["optimiser_steps"] == 4
+    assert results["absorb_speedup"] == pytest.approx(saved["absorb_speedup"])
+    assert "together / one by one" in capsys.readouterr().out

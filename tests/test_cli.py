@@ -228,3 +228,141 @@ def test_eval_reports_recall_loss_and_gates(workdir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "recall" in text and "mean gate" not in text
     _error(capsys, main([*args[:3], "--qa", str(tmp_path / "unrelated.txt")]), "qa", "QA")
+
+
+@pytest.fixture(scope="module")
+def many_dir(workdir, tmp_path_factory):
+    """Three documents (one in a subfolder, another extension) absorbed together with
+    --out-dir; returns (folder of the memories, the absorb report)."""
+    root = tmp_path_factory.mktemp("many")
+    (root / "sub").mkdir()
+    (root / "out").mkdir()
+    paths = [root / "a.txt", root / "b.txt", root / "sub" / "c.md"]
+    for i, path in enumerate(paths):
+        path.write_text(make_document(30 + 25 * i, seed=10 + i))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        import io
+        from contextlib import redirect_stdout
+
+        buffer = io.StringIO()
+        with redirect_stdout(buffer):
+            rc = main(["absorb", "--model", str(workdir / "model"), "--document",
+                       *map(str, paths), "--out-dir", str(root / "out"), "--json", *FAST])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    return root / "out", json.loads(buffer.getvalue())
+
+
+def test_absorb_out_dir_writes_one_memory_per_document(many_dir):
+    out, report = many_dir
+    assert sorted(os.listdir(out)) == ["a.safetensors", "b.safetensors", "c.safetensors"]
+    docs = report["documents"]
+    assert [os.path.basename(d["out"]) for d in docs] == ["a.safetensors", "b.safetensors",
+                                                          "c.safetensors"]
+    assert docs[0]["document_tokens"] < docs[1]["document_tokens"] < docs[2]["document_tokens"]
+    assert all(d["last_loss"] < d["first_loss"] for d in docs)
+    assert report["tokens"] == sum(d["tokens"] for d in docs) and report["tokens_per_second"] > 0
+    assert report["steps"] == max(d["steps"] for d in docs)
+
+
+def test_ask_memories_answers_each_question_with_its_own_memory(workdir, many_dir, tmp_path,
+                                                                capsys):
+    out, _ = many_dir
+    lines = [{"memory": "c", "question": "what is red ?"},
+             {"memory": "a", "question": "who is the king ?", "note": "ignored"},
+             {"memory": "c", "question": "where ?"}, {"memory": "b", "question": "what ?"}]
+    (tmp_path / "q.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n\n")
+    rc = main(["ask", "--model", str(workdir / "model"), "--memories", str(out), "--questions",
+               str(tmp_path / "q.jsonl"), "--max-new-tokens", "4", "--batch-size", "3",
+               "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_questions"] == 4 and report["num_memories"] == 3
+    assert [a["memory"] for a in report["answers"]] == ["c", "a", "c", "b"]
+    for item in (report["answers"][0], report["answers"][1], report["answers"][3]):
+        assert main(["ask", "--model", str(workdir / "model"), "--memory",
+                     str(out / f"{item['memory']}.safetensors"), "--question", item["question"],
+                     "--max-new-tokens", "4"]) == 0
+        assert capsys.readouterr().out.strip() == item["answer"]
+    assert main(["ask", "--model", str(workdir / "model"), "--memories", str(out),
+                 "--questions", str(tmp_path / "q.jsonl"), "--max-new-tokens", "4"]) == 0
+    rows = capsys.readouterr().out.strip().split("\n")
+    assert [r.split("\t")[:2] for r in rows] == [[q["memory"], q["question"]] for q in lines]
+
+
+def test_many_documents_and_memories_errors(workdir, many_dir, tmp_path, capsys):
+    out, _ = many_dir
+    doc = str(workdir / "doc.txt")
+    model = ["--model", str(workdir / "model")]
+
+    def absorb(*args):
+        return main(["absorb", *model, "--quiet", *FAST, *args])
+
+    for args in (["--document", doc, "--out", "x", "--out-dir", str(tmp_path)],
+                 ["--document", doc]):
+        with pytest.raises(SystemExit) as exit_:
+            absorb(*args)
+        assert exit_.value.code == EXIT_CODES["usage"]
+    _error(capsys, absorb("--document", doc, doc, "--out", str(tmp_path / "m.st")), "usage",
+           "give --out-dir")
+    _error(capsys, absorb("--document", doc, "--out-dir", str(tmp_path / "nope")), "usage",
+           "not an existing directory")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "doc.md").write_text("the king .")
+    _error(capsys, absorb("--document", doc, str(tmp_path / "d" / "doc.md"), "--out-dir",
+                          str(tmp_path)), "usage", "would both write the memory file doc")
+    _error(capsys, absorb("--document", doc, str(tmp_path / "gone.txt"), "--out-dir",
+                          str(tmp_path)), "document", "gone.txt' does not exist")
+    _error(capsys, absorb("--document", doc, str(tmp_path / "d" / "e.md"), "--qa", "a.json",
+                          "b.json", "c.json", "--out-dir", str(tmp_path)), "usage",
+           "one QA file per document")
+
+    def ask(*args):
+        return main(["ask", *model, *args])
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"memory": "a", "question": "who ?"}\n')
+    _error(capsys, ask("--memories", str(tmp_path / "none"), "--questions", str(questions)),
+           "memory", "not an existing directory")
+    _error(capsys, ask("--memories", str(out), "--questions", str(tmp_path / "none.jsonl")),
+           "qa", "does not exist")
+    (tmp_path / "bad.jsonl").write_text('{"memory": "a", "question": "who ?"}\n{"memory": \n')
+    _error(capsys, ask("--memories", str(out), "--questions", str(tmp_path / "bad.jsonl")),
+           "qa", "line 2 is not valid JSON")
+    (tmp_path / "bad.jsonl").write_text('{"memory": "a"}\n')
+    _error(capsys, ask("--memories", str(out), "--questions", str(tmp_path / "bad.jsonl")),
+           "qa", 'line 1 needs a non-empty string "question"')
+    (tmp_path / "bad.jsonl").write_text('{"memory": "a", "question": "who ?"}\n'
+                                        '{"memory": "zz", "question": "who ?"}\n')
+    _error(capsys, ask("--memories", str(out), "--questions", str(tmp_path / "bad.jsonl")),
+           "memory", "asks memory 'zz', which")
+    rc = ask("--memories", str(out), "--questions", str(tmp_path / "bad.jsonl"), "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert rc == report["exit_code"] == EXIT_CODES["memory"] and "a, b, c" in report["message"]
+    _error(capsys, ask("--memories", str(out), "--question", "who ?"), "usage",
+           "--memories DIR goes with --questions")
+    _error(capsys, ask("--memory", str(out / "a.safetensors"), "--questions", str(questions)),
+           "usage", "--memories DIR goes with --questions")
+    _error(capsys, ask("--memories", str(out), "--questions", str(questions), "--document",
+                       doc), "usage", "--document goes with --memory")
+    with pytest.raises(SystemExit) as exit_:
+        ask("--memory", str(out / "a.safetensors"), "--memories", str(out), "--question", "q")
+    assert exit_.value.code == EXIT_CODES["usage"]
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`lift-kernels --help` and `absorb --help` answer without the heavy imports (they
+    used to take seconds)."""
+    code = ("import sys\nfrom lift_kernels.cli import main\n"
+            "for argv in (['--help'], ['absorb', '--help'], ['ask', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "--out-dir" in run.stdout and "--questions" in run.stdout

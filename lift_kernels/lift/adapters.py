@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..install import require_extra
+from ..memory import GatedMemoryConfig
 from .config import LiftConfig
 from .errors import MemoryFileError, UnsupportedModelError
 
@@ -56,13 +57,7 @@ def attach(model, config: LiftConfig):
     small updates need it; the gated-memory op and PEFT both accept float32 weights beside a
     16-bit base).  Seed torch before calling: the adapter's initialisation draws from it."""
     if config.adapter == "gated-memory":
-        hf = _hf()
-        model_type = _model_type(model)
-        if model_type not in hf.hf.FAMILIES:
-            raise UnsupportedModelError(
-                f"the gated-memory adapter does not support model_type {model_type!r}; "
-                f"supported families: {', '.join(sorted(hf.hf.FAMILIES))} (--adapter lora "
-                "works with any model PEFT supports)")
+        hf = _gated_memory_family(model)
         model = hf.replace_attention(model, config=config.memory, backend=config.backend)
         hf.freeze_base_model(model)
         params = list(hf.memory_parameters(model))
@@ -79,6 +74,96 @@ def attach(model, config: LiftConfig):
         for p in params:
             p.data = p.data.float()
     return model, params
+
+
+def _gated_memory_family(model):
+    """lift_kernels (its HF integration) when `model`'s family takes Gated Memory, else
+    UnsupportedModelError naming the families that do."""
+    hf = _hf()
+    model_type = _model_type(model)
+    if model_type not in hf.hf.FAMILIES:
+        raise UnsupportedModelError(
+            f"the gated-memory adapter does not support model_type {model_type!r}; "
+            f"supported families: {', '.join(sorted(hf.hf.FAMILIES))} (--adapter lora "
+            "works with any model PEFT supports)")
+    return hf
+
+
+def slot_view(param: torch.Tensor, slot: int, num_slots: int) -> torch.Tensor:
+    """Memory slot `slot` of a gated-memory parameter (a view sharing its storage, without
+    autograd history): the tensor itself when the memory has one slot (no slot dim)."""
+    return param.detach() if num_slots == 1 else param.detach()[slot]
+
+
+def attach_slots(model, configs: list[LiftConfig]):
+    """Gated Memory with one slot per config (num_memories=len(configs)): slot d starts
+    exactly where attach(model, configs[d]) after torch.manual_seed(configs[d].seed) starts,
+    so that training it reproduces absorbing that document alone.  The configs must agree on
+    the memory layout (memory, backend).  Freezes the base; returns (model, parameters with
+    a leading slot dimension, or plain ones for a single config)."""
+    hf = _gated_memory_family(model)
+    if hf.hf.patch.patched_modules(model):
+        raise ValueError("the model already has a gated memory: give a base model (a fresh "
+                         "copy) to train one memory per document")
+    memory, backend = configs[0].memory, configs[0].backend
+    initial = []
+    for config in configs:  # each slot drawn as a single memory from its own seed
+        torch.manual_seed(config.seed)
+        hf.replace_attention(model, config=memory, backend=backend)
+        initial.append([p.detach().clone() for p in hf.memory_parameters(model)])
+        hf.restore_attention(model)
+    hf.replace_attention(model, config=memory, backend=backend, num_memories=len(configs))
+    hf.freeze_base_model(model)
+    params = list(hf.memory_parameters(model))
+    with torch.no_grad():
+        for slot, tensors in enumerate(initial):
+            for p, t in zip(params, tensors):
+                slot_view(p, slot, len(configs)).copy_(t)
+    return model, params
+
+
+def load_slots(model, paths, backend: str = "auto"):
+    """Gated-memory files (each written for one document) into memory slots 0..K-1 of the
+    base `model`, in the order of `paths`; returns (model, [metadata of each file]).
+    MemoryFileError when a file is not a gated-memory file, was made for another base
+    model, or its memory layout differs from the first file's."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("load_slots needs at least one memory file")
+    metadata = [read_metadata(p) for p in paths]
+    fingerprint = model_fingerprint(model)
+    for path, meta in zip(paths, metadata):
+        if meta["lift.adapter"] != "gated-memory":
+            raise MemoryFileError(f"memory file {path!r} holds a {meta['lift.adapter']!r} "
+                                  "adapter; memory slots take gated-memory files only")
+        if meta.get("lift.base_fingerprint", fingerprint) != fingerprint:
+            raise MemoryFileError(f"memory file {path!r} was made for another base model "
+                                  f"(fingerprint {meta['lift.base_fingerprint']}, this model "
+                                  f"{fingerprint})")
+        if meta.get("num_memories", "1") != "1":
+            raise MemoryFileError(f"memory file {path!r} holds {meta['num_memories']} "
+                                  "memories; slots take single-memory files")
+        for key in ("config", "layers"):
+            if meta.get(key) != metadata[0].get(key):
+                raise MemoryFileError(f"memory files {paths[0]!r} and {path!r} have different "
+                                      f"memory {key} ({metadata[0].get(key)} vs "
+                                      f"{meta.get(key)}); slots share one layout")
+    hf = _gated_memory_family(model)
+    try:
+        config = GatedMemoryConfig(**json.loads(metadata[0]["config"]))
+        layers = json.loads(metadata[0]["layers"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MemoryFileError(f"memory file {paths[0]!r} has a malformed header: {e}") from None
+    hf.replace_attention(model, config=config, backend=backend, layers=layers,
+                         num_memories=len(paths))
+    for slot, path in enumerate(paths):
+        try:
+            hf.load_memory(model, path, slot=slot)
+        except (ValueError, RuntimeError) as e:  # names/shapes that do not fit
+            hf.restore_attention(model)
+            raise MemoryFileError(f"memory file {path!r} does not fit this model: {e}") from e
+    model.eval()
+    return model, metadata
 
 
 def _lora_config(rank: int, alpha: int, targets):
@@ -100,14 +185,15 @@ def adapter_metadata(config: LiftConfig, fingerprint: str, model_type: str) -> d
             "lift.base_fingerprint": fingerprint, "lift.config": config.to_json()}
 
 
-def save(model, path, config: LiftConfig, fingerprint: str) -> None:
-    """Write the trained adapter of `model` to `path` (safetensors) with its metadata."""
+def save(model, path, config: LiftConfig, fingerprint: str, slot: int | None = None) -> None:
+    """Write the trained adapter of `model` to `path` (safetensors) with its metadata;
+    `slot`: only that memory slot of a gated memory with slots (a single-memory file)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     metadata = adapter_metadata(config, fingerprint, _model_type(model))
     if config.adapter == "gated-memory":
-        _hf().save_memory(model, path)
+        _hf().save_memory(model, path, slot=slot)
         # Keep what save_memory recorded and add the pipeline's own keys.
         with safe_open(path, "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

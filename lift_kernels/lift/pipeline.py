@@ -40,14 +40,16 @@ class AbsorbResult:
     qa_pairs: list[QAPair] = dataclasses.field(default_factory=list)
     labelled_tokens: int = 0  # document tokens that carry the loss (after selection)
     num_anchors: int = 0      # KL anchor texts
+    slot: int | None = None   # absorb_many: the document's memory slot in `model`
 
     @property
     def tokens_per_second(self) -> float:
         return self.stats.tokens_per_second
 
     def save(self, path) -> None:
-        """Write the adapter to `path` (safetensors); call on rank 0 only."""
-        adapters.save(self.model, path, self.config, self.fingerprint)
+        """Write the adapter to `path` (safetensors); call on rank 0 only.  A document of
+        absorb_many writes its own slot as an ordinary single-memory file."""
+        adapters.save(self.model, path, self.config, self.fingerprint, self.slot)
 
 
 def resolve_dtype(name, device) -> torch.dtype:
@@ -126,24 +128,9 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
         ctx = dataclasses.replace(ctx, device=model_device(model))  # train where it is
     elif not fsdp and model_device(model) != ctx.device:
         model.to(ctx.device)
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    ids = document_ids(tokenizer, document, config.title)
-    pairs = _qa_pairs(qa, model, tokenizer, ids, config, rng, generate)
-    if config.sample_unit == "line":
-        segments = line_samples(tokenizer, document, config)
-    else:
-        segments = segment_samples(tokenizer, ids, config, rng)
-    # The base's own judgement, before the adapter exists: which tokens carry the loss, and
-    # its distribution on text that is not the document.
-    segments = select_samples(model, segments, config, ctx.device)
-    if not segments:
-        raise ValueError("token selection left no sample to train on: lower "
-                         "LiftConfig.select_line_nats / select_token_nats")
-    segments += plain_samples(tokenizer, document, ids, config)
-    anchors = anchor_samples(model, tokenizer, config, ctx.device)
-    qa_part = qa_samples(tokenizer, ids, pairs, config, rng)
-    _warn_beyond_window(model, segments + qa_part + anchors)
+    prepared = prepare_samples(model, tokenizer, document, qa, config, ctx.device, generate)
+    ids, pairs, segments = prepared.ids, prepared.pairs, prepared.segments
+    anchors, qa_part = prepared.anchors, prepared.qa
     fingerprint = adapters.model_fingerprint(model)
     torch.manual_seed(config.seed)
     model, params = adapters.attach(model, config)
@@ -154,12 +141,58 @@ def absorb(model, tokenizer, document: str, *, qa=None, config: LiftConfig | Non
         _enable_checkpointing(model)
     if fsdp:
         shard_base_model(model, params, ctx)
-    phases = [Phase("segments", segments + anchors, config.segment_epochs),
-              Phase("segments+qa", segments + qa_part + anchors, config.qa_epochs)]
-    stats = train(model, params, phases, config, ctx, progress)
+    stats = train(model, params, prepared.phases(config), config, ctx, progress)
     return AbsorbResult(model, params, stats, config, fingerprint, len(ids), len(segments),
                         pairs, sum(int((s.labels != IGNORE).sum()) for s in segments),
                         len(anchors))
+
+
+@dataclasses.dataclass
+class DocumentSamples:
+    """What absorb trains one document on: its token ids, QA pairs, document samples
+    (segments or lines, after token selection, with the plain ones), KL anchor samples and
+    QA samples."""
+
+    ids: list[int]
+    pairs: list[QAPair]
+    segments: list
+    anchors: list
+    qa: list
+
+    def phases(self, config: LiftConfig) -> list[Phase]:
+        """The recipe's schedule over these samples (the trainer's phases)."""
+        return [Phase("segments", self.segments + self.anchors, config.segment_epochs),
+                Phase("segments+qa", self.segments + self.qa + self.anchors, config.qa_epochs)]
+
+
+def prepare_samples(model, tokenizer, document: str, qa, config: LiftConfig, device,
+                    generate=None, anchors=None) -> DocumentSamples:
+    """A document's training samples, from the base `model` before any adapter is attached
+    (it scores the document for token selection and samples the KL anchors).  Seeds torch
+    and Python's RNG with config.seed, so the same document and recipe give the same
+    samples whether it is absorbed alone or among others (absorb_many).  anchors: the KL
+    anchor samples when already made for this model and recipe (selective.anchor_samples:
+    they do not depend on the document), else made here."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    ids = document_ids(tokenizer, document, config.title)
+    pairs = _qa_pairs(qa, model, tokenizer, ids, config, rng, generate)
+    if config.sample_unit == "line":
+        segments = line_samples(tokenizer, document, config)
+    else:
+        segments = segment_samples(tokenizer, ids, config, rng)
+    # The base's own judgement, before the adapter exists: which tokens carry the loss, and
+    # its distribution on text that is not the document.
+    segments = select_samples(model, segments, config, device)
+    if not segments:
+        raise ValueError("token selection left no sample to train on: lower "
+                         "LiftConfig.select_line_nats / select_token_nats")
+    segments += plain_samples(tokenizer, document, ids, config)
+    if anchors is None:
+        anchors = anchor_samples(model, tokenizer, config, device)
+    qa_part = qa_samples(tokenizer, ids, pairs, config, rng)
+    _warn_beyond_window(model, segments + qa_part + anchors)
+    return DocumentSamples(ids, pairs, segments, anchors, qa_part)
 
 
 def _warn_beyond_window(model, samples) -> None:

@@ -64,6 +64,41 @@ def load_qa(source) -> list[QAPair]:
     return pairs
 
 
+def load_questions(path) -> list[dict]:
+    """Questions to ask from a JSON Lines file: one object per line with non-empty string
+    fields "memory" (a memory's name) and "question" (other fields are ignored; blank lines
+    are skipped).  Returns [{"memory", "question"}]; QAError names the line that is wrong."""
+    where = f"questions file {str(path)!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise QAError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise QAError(f"{where} is a directory, not a file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QAError(f"{where} cannot be read: {e}") from None
+    questions = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QAError(f"{where}: line {number} is not valid JSON: {e.msg}") from None
+        if not isinstance(item, dict):
+            raise QAError(f"{where}: line {number} must be an object with \"memory\" and "
+                          f"\"question\", got {type(item).__name__}")
+        for key in ("memory", "question"):
+            if not isinstance(item.get(key), str) or not item[key].strip():
+                raise QAError(f"{where}: line {number} needs a non-empty string \"{key}\" "
+                              f"(got {item.get(key)!r})")
+        questions.append({"memory": item["memory"].strip(), "question": item["question"]})
+    if not questions:
+        raise QAError(f"{where} holds no question")
+    return questions
+
+
 GENERATION_PROMPT = (
     "Read the passage, then write one question that the passage answers and the answer "
     "copied word for word from the passage, as:\nQuestion: ...\nAnswer: ...\n\n"
