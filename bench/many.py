@@ -3,9 +3,9 @@ one memory slot each, every step's samples of all documents in shared packed cal
 after another (lift.absorb per document), and asking Q questions over those N memories in
 packed batches (lift.answer_many) vs one generate call per question.
 
-    python bench/many.py                                # 16 documents of ~1,000 tokens, 64 questions
+    python bench/many.py                         # 16 documents of ~1,000 tokens, 64 questions
     python bench/many.py --threads 2 --json many.json
-    python bench/many.py --smoke                        # seconds: proves the harness
+    python bench/many.py --smoke                 # seconds: proves the harness
 
 The model is the embedded demo model, the recipe the demo's (lines selected by the base's
 surprise, KL anchor) with --epochs optimiser steps instead of its 400: tokens/s is a rate
