@@ -208,12 +208,21 @@ def _call(name: str, direction: str, fields: dict, device: torch.device):
         fn(fields)
 
 
+def _cuda_refuses_varlen(name: str, varlen: dict) -> None:
+    """The cuda kernels take no packed sequences or memory slots (dispatch never sends them);
+    a direct call is refused here, before the CUDA-only operand preparation would misread
+    slotted weights (the compiled entry points refuse too)."""
+    if name == "cuda" and any(value is not None for value in varlen.values()):
+        raise ValueError("the cuda kernels take no packed sequences or memory slots")
+
+
 def forward(name, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale, gate_scale,
             gate_shift, window_size=(-1, -1), softcap=0.0, **varlen):
     """Returns out [B, Nq, Hq, D], gate [B, Nq, Hq] float32, lse [B, Hq, Nq] float32 and
     attn [B, Nq, Hq, D] (the attention-only output the backward reads); packed: out, attn
     [total_q, Hq, D], gate [total_q, Hq], lse [Hq, total_q].  `varlen`: cu_seqlens_q/k,
     max_seqlen_q/k, memory_index (cpu only)."""
+    _cuda_refuses_varlen(name, varlen)
     fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
                            gate_scale, gate_shift, window_size, softcap, **varlen)
     out = _alloc(q.shape, q.dtype, q.device)
@@ -242,6 +251,7 @@ def backward(name, dout, dgate, q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, g
     `deterministic` asks nothing of these kernels: both reduce every sum in a fixed order
     without atomics, so their backward is always bit-reproducible."""
     del deterministic
+    _cuda_refuses_varlen(name, varlen)
     fields, keep = _fields(q, k, v, w1, b1, w2, b2, g1, c1, g2, cos, sin, causal, scale,
                            gate_scale, gate_shift, window_size, softcap, **varlen)
     dout = _last_dim_contiguous(dout.to(q.dtype))
